@@ -1,0 +1,55 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "nbd-umemd",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "nbd-umemd", targets: ["nbd-umemd"]),
+        .library(name: "NbdPager", targets: ["NbdPager"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-atomics.git", from: "1.2.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CNbd",
+            pkgConfig: "libnbd",
+            providers: [.apt(["libnbd-dev"])]
+        ),
+        .target(
+            name: "NbdPager",
+            dependencies: [
+                "CNbd",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
+        .executableTarget(
+            name: "nbd-umemd",
+            dependencies: [
+                "NbdPager",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "NbdPagerTests",
+            dependencies: [
+                "NbdPager",
+                "CNbd",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+    ]
+)

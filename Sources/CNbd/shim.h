@@ -1,0 +1,52 @@
+#ifndef NBD_UMEMD_CNBD_SHIM_H
+#define NBD_UMEMD_CNBD_SHIM_H
+#include <stddef.h>
+#include <stdint.h>
+#include <libnbd.h>
+
+/* Linux calls Swift's Glibc module hides (they need _GNU_SOURCE), declared as glibc exports them,
+ * plus thin wrappers for variadic calls (ioctl) that Swift cannot import. */
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/ioctl.h>
+#include <sys/vfs.h>
+
+extern int fallocate(int fd, int mode, off_t offset, off_t len);
+extern ssize_t preadv2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags);
+extern ssize_t pwritev2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags);
+extern int memfd_create(const char *name, unsigned int flags);
+
+enum {
+    UMEMD_RWF_DSYNC = 0x02,
+    UMEMD_RWF_NOWAIT = 0x08,
+    UMEMD_FALLOC_FL_KEEP_SIZE = 0x01,
+    UMEMD_FALLOC_FL_PUNCH_HOLE = 0x02,
+    UMEMD_FALLOC_FL_ZERO_RANGE = 0x10,
+    UMEMD_SEEK_DATA = 3,
+    UMEMD_SEEK_HOLE = 4,
+    UMEMD_MFD_CLOEXEC = 1,
+};
+
+static inline ssize_t umemd_pread_flags(int fd, void *buf, size_t count, off_t offset, int flags) {
+    struct iovec v = { buf, count };
+    return preadv2(fd, &v, 1, offset, flags);
+}
+
+static inline ssize_t umemd_pwrite_flags(int fd, const void *buf, size_t count, off_t offset, int flags) {
+    struct iovec v = { (void *)buf, count };
+    return pwritev2(fd, &v, 1, offset, flags);
+}
+
+/* BLKGETSIZE64 = _IOR(0x12, 114, size_t) */
+static inline int umemd_block_device_size(int fd, uint64_t *size) {
+    return ioctl(fd, 0x80081272UL, size);
+}
+
+/* statfs f_type of the file system holding fd, or 0 when unknown. */
+static inline long umemd_fs_type(int fd) {
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0) return 0;
+    return (long)s.f_type;
+}
+
+#endif

@@ -1,0 +1,362 @@
+import Logging
+import NIOCore
+import NIOPosix
+
+/// Runs one NBD connection: feeds received bytes to `NBDServerStateMachine` and carries out its actions.
+///
+/// Requests run inline on the event loop when the storage answers without blocking (memory, tmpfs, or a
+/// page-cache hit via RWF_NOWAIT); everything else goes to the export's thread pool and replies out of order.
+/// Reading from the socket pauses while too many requests are in flight or the client is not reading
+/// replies, so memory stays bounded whatever the client sends.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    static let maxInFlight = 128
+    static let maxExtents = 16 * 1024
+    static let handshakeTimeout: TimeAmount = .seconds(60)
+
+    private var machine: NBDServerStateMachine
+    private let exports: [String: Export]
+    private let tracker: ConnectionTracker
+    private var logger: Logger
+
+    private var export: Export?
+    private var structured = false
+    private var cumulation: ByteBuffer?
+    private var inFlight = 0
+    private var readHeld = false
+    /// DISC received, shutdown requested or the client is gone: no more requests, close once drained.
+    private var draining = false
+    private var needsFlush = false
+    private var handshakeTimer: Scheduled<Void>?
+
+    init(exports: [Export], tracker: ConnectionTracker, logger: Logger) {
+        self.machine = NBDServerStateMachine(exports: exports.map(\.info))
+        var byName: [String: Export] = [:]
+        for e in exports where byName[e.info.name] == nil { byName[e.info.name] = e }
+        self.exports = byName
+        self.tracker = tracker
+        self.logger = logger
+    }
+
+    // MARK: lifecycle
+
+    func channelActive(context: ChannelHandlerContext) {
+        guard tracker.add(context.channel) else {
+            context.close(promise: nil)
+            return
+        }
+        let greeting = machine.greeting()
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        handshakeTimer = context.eventLoop.scheduleTask(in: Self.handshakeTimeout) { [logger] in
+            logger.info("closing connection: handshake not finished in time")
+            loopBound.value.close(promise: nil)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        handshakeTimer?.cancel()
+        machine.markClosed()
+        draining = true
+        cumulation = nil
+        tracker.remove(context.channel)
+        logger.debug("connection closed")
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.debug("connection error: \(error)")
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is ShutdownEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        draining = true
+        if !machine.isInTransmission || inFlight == 0 {
+            flushIfNeeded(context)
+            context.close(promise: nil)
+        }
+    }
+
+    // MARK: inbound bytes
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        guard !draining else { return }
+        if cumulation == nil {
+            cumulation = incoming
+        } else {
+            cumulation!.writeBuffer(&incoming)
+        }
+        while !draining, var buffer = cumulation {
+            cumulation = nil  // keep the storage uniquely referenced while parsing
+            let action = machine.next(from: &buffer)
+            cumulation = buffer
+            guard let action else { break }
+            handle(action, context: context)
+        }
+        if let c = cumulation {
+            if c.readableBytes == 0 {
+                cumulation = nil
+            } else if c.readerIndex > 1 << 20 {
+                cumulation!.discardReadBytes()
+            }
+        }
+        // Make room for a large WRITE payload in one allocation instead of growing step by step.
+        let pending = machine.pendingPayloadBytes
+        if pending > 0, var c = cumulation {
+            cumulation = nil
+            c.reserveCapacity(minimumWritableBytes: pending - c.readableBytes)
+            cumulation = c
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushIfNeeded(context)
+        context.fireChannelReadComplete()
+    }
+
+    private func handle(_ action: NBDServerStateMachine.Action, context: ChannelHandlerContext) {
+        switch action {
+        case .send(let bytes):
+            send(bytes, context)
+        case .sendAndClose(let bytes):
+            draining = true
+            context.writeAndFlush(wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+        case .close(let reason):
+            logger.info("closing connection: \(reason)")
+            draining = true
+            flushIfNeeded(context)
+            context.close(promise: nil)
+        case .enterTransmission(let bytes, let session):
+            handshakeTimer?.cancel()
+            handshakeTimer = nil
+            export = exports[session.export.name]
+            structured = session.structuredReplies
+            logger[metadataKey: "export"] = "\(session.export.name)"
+            logger.debug("transmission phase", metadata: ["structured": "\(structured)"])
+            send(bytes, context)
+        case .request(let request, let payload):
+            run(request, payload: payload, context: context)
+        case .reject(let rejection):
+            logger.debug("rejected request: \(rejection.message)")
+            sendError(rejection.error, cookie: rejection.cookie, message: rejection.message, context)
+        case .disconnect:
+            draining = true
+            if inFlight == 0 {
+                flushIfNeeded(context)
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    // MARK: requests
+
+    private func run(_ request: NBDRequest, payload: ByteBuffer?, context: ChannelHandlerContext) {
+        guard let export else {
+            sendError(.eio, cookie: request.cookie, message: "export is gone", context)
+            return
+        }
+        let backend = export.backend
+        let inline = backend.capabilities.inlineSafe
+        switch request.command {
+        case .read:
+            runRead(request, export: export, context: context)
+        case .write:
+            runWrite(request, payload: payload ?? ByteBuffer(), export: export, context: context)
+        case .blockStatus:
+            let maxExtents = request.flags.contains(.reqOne) ? 1 : Self.maxExtents
+            let cookie = request.cookie
+            perform(inline: inline, export: export, context: context, cookie: cookie) {
+                let extents = try backend.blockStatus(offset: request.offset, length: UInt64(request.length),
+                                                      maxExtents: maxExtents)
+                var b = ByteBuffer()
+                b.writeBlockStatusReply(cookie: cookie, contextID: NBDLimits.baseAllocationContextID, extents: extents)
+                return b
+            }
+        case .flush, .trim, .writeZeroes, .cache:
+            let cookie = request.cookie
+            perform(inline: inline, export: export, context: context, cookie: cookie) {
+                let offset = request.offset, length = UInt64(request.length), fua = request.flags.contains(.fua)
+                switch request.command {
+                case .flush: try backend.flush()
+                case .trim: try backend.trim(offset: offset, length: length, fua: fua)
+                case .writeZeroes:
+                    try backend.zero(offset: offset, length: length, mayTrim: !request.flags.contains(.noHole),
+                                     fast: request.flags.contains(.fastZero), fua: fua)
+                case .cache: try backend.cache(offset: offset, length: length)
+                default: break
+                }
+                var b = ByteBuffer()
+                b.writeSimpleReply(error: .ok, cookie: cookie)
+                return b
+            }
+        case .disconnect:
+            break  // handled by the state machine
+        }
+    }
+
+    /// Runs `body` (which builds the reply) inline or on the thread pool, and sends its reply or error.
+    private func perform(inline: Bool, export: Export, context: ChannelHandlerContext, cookie: UInt64,
+                         _ body: @escaping @Sendable () throws -> ByteBuffer) {
+        if inline {
+            do {
+                send(try body(), context)
+            } catch {
+                sendError(NBDErrno(error), cookie: cookie, message: "\(error)", context)
+            }
+            return
+        }
+        offload(export: export, context: context, cookie: cookie, body)
+    }
+
+    private func offload(export: Export, context: ChannelHandlerContext, cookie: UInt64,
+                         _ body: @escaping @Sendable () throws -> ByteBuffer) {
+        inFlight += 1
+        export.threadPool.runIfActive(eventLoop: context.eventLoop, body).assumeIsolated().whenComplete { result in
+            self.inFlight -= 1
+            switch result {
+            case .success(let reply):
+                self.send(reply, context)
+            case .failure(let error):
+                self.sendError(NBDErrno(error), cookie: cookie, message: "\(error)", context)
+            }
+            self.flushIfNeeded(context)
+            self.afterCompletion(context)
+        }
+    }
+
+    private func runRead(_ request: NBDRequest, export: Export, context: ChannelHandlerContext) {
+        let length = Int(request.length)
+        let structured = self.structured
+        let backend = export.backend
+        @Sendable func header(_ b: inout ByteBuffer) {
+            if structured {
+                b.writeStructuredReplyHeader(flags: .done, type: .offsetData, cookie: request.cookie,
+                                             length: UInt32(8 + length))
+                b.writeInteger(request.offset)
+            } else {
+                b.writeSimpleReply(error: .ok, cookie: request.cookie)
+            }
+        }
+        var reply = context.channel.allocator.buffer(capacity: 28 + length)
+        header(&reply)
+        do {
+            let done = try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                try backend.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]),
+                                 offset: request.offset, nonBlocking: true)
+            }
+            if done == length {
+                send(reply, context)
+                return
+            }
+        } catch {
+            sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)", context)
+            return
+        }
+        // Would block: read it all on the pool into a fresh buffer (the partial bytes are cheap to re-read).
+        let allocator = context.channel.allocator
+        offload(export: export, context: context, cookie: request.cookie) {
+            var b = allocator.buffer(capacity: 28 + length)
+            header(&b)
+            _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                try backend.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]),
+                                 offset: request.offset, nonBlocking: false)
+            }
+            return b
+        }
+    }
+
+    private func runWrite(_ request: NBDRequest, payload: ByteBuffer, export: Export, context: ChannelHandlerContext) {
+        let backend = export.backend
+        let fua = request.flags.contains(.fua)
+        let cookie = request.cookie
+        let done: Int
+        do {
+            done = try payload.withUnsafeReadableBytes { ptr in
+                try backend.write(from: ptr, offset: request.offset, fua: fua, nonBlocking: true)
+            }
+        } catch {
+            sendError(NBDErrno(error), cookie: cookie, message: "\(error)", context)
+            return
+        }
+        if done == payload.readableBytes {
+            var b = context.channel.allocator.buffer(capacity: 16)
+            b.writeSimpleReply(error: .ok, cookie: cookie)
+            send(b, context)
+            return
+        }
+        offload(export: export, context: context, cookie: cookie) {
+            _ = try payload.withUnsafeReadableBytes { ptr in
+                try backend.write(from: UnsafeRawBufferPointer(rebasing: ptr[done...]),
+                                  offset: request.offset + UInt64(done), fua: fua, nonBlocking: false)
+            }
+            var b = ByteBuffer()
+            b.writeSimpleReply(error: .ok, cookie: cookie)
+            return b
+        }
+    }
+
+    // MARK: replies
+
+    private func send(_ bytes: ByteBuffer, _ context: ChannelHandlerContext) {
+        context.write(wrapOutboundOut(bytes), promise: nil)
+        needsFlush = true
+    }
+
+    private func sendError(_ error: NBDErrno, cookie: UInt64, message: String, _ context: ChannelHandlerContext) {
+        let wire: NBDErrno = error == .ok ? .eio : error
+        var b = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
+        if structured {
+            b.writeStructuredError(error: wire, cookie: cookie, message: message)
+        } else {
+            b.writeSimpleReply(error: wire, cookie: cookie)
+        }
+        send(b, context)
+    }
+
+    private func flushIfNeeded(_ context: ChannelHandlerContext) {
+        if needsFlush {
+            needsFlush = false
+            context.flush()
+        }
+    }
+
+    private func afterCompletion(_ context: ChannelHandlerContext) {
+        if draining {
+            if inFlight == 0 && context.channel.isActive { context.close(promise: nil) }
+            return
+        }
+        resumeReadingIfPossible(context)
+    }
+
+    // MARK: back-pressure
+
+    func read(context: ChannelHandlerContext) {
+        if draining || inFlight >= Self.maxInFlight || !context.channel.isWritable {
+            readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        resumeReadingIfPossible(context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func resumeReadingIfPossible(_ context: ChannelHandlerContext) {
+        guard readHeld, !draining, inFlight < Self.maxInFlight, context.channel.isWritable else { return }
+        readHeld = false
+        context.read()
+    }
+}

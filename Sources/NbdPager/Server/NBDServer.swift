@@ -1,0 +1,109 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where the server listens.
+public enum NBDListener: Sendable, Hashable, CustomStringConvertible {
+    case tcp(host: String, port: Int)
+    case unix(path: String)
+
+    public var description: String {
+        switch self {
+        case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .unix(let path): return "unix:\(path)"
+        }
+    }
+}
+
+/// An NBD server: listeners, connections and graceful shutdown, serving one or more exports.
+public final class NBDServer: Sendable {
+    public let exports: [Export]
+    public let listeners: [NBDListener]
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let tracker = ConnectionTracker()
+    private let serverChannels = NIOLockedValueBox<[any Channel]>([])
+
+    public init(exports: [Export], listeners: [NBDListener], group: any EventLoopGroup, logger: Logger) {
+        self.exports = exports
+        self.listeners = listeners
+        self.group = group
+        self.logger = logger
+    }
+
+    /// Binds every listener. Throws (after closing what was bound) if any of them fails.
+    public func start() throws {
+        do {
+            for listener in listeners {
+                let channel = try bootstrap(for: listener).wait()
+                serverChannels.withLockedValue { $0.append(channel) }
+                logger.info("listening on \(listener)")
+            }
+        } catch {
+            for c in serverChannels.withLockedValue({ $0 }) { try? c.close().wait() }
+            throw error
+        }
+    }
+
+    /// The TCP port actually bound (useful with port 0).
+    public var boundPorts: [Int] {
+        serverChannels.withLockedValue { $0.compactMap { $0.localAddress?.port } }
+    }
+
+    private func bootstrap(for listener: NBDListener) -> EventLoopFuture<any Channel> {
+        let exports = self.exports, tracker = self.tracker, logger = self.logger
+        let isTCP: Bool
+        if case .tcp = listener { isTCP = true } else { isTCP = false }
+        let connectionCounter = NIOLockedValueBox(0)
+        var b = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
+            .childChannelOption(.autoRead, value: true)
+        if isTCP {
+            b = b.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+        }
+        b = b.childChannelInitializer { channel in
+            let id = connectionCounter.withLockedValue { n -> Int in n += 1; return n }
+            var connLogger = logger
+            connLogger[metadataKey: "conn"] = "\(listener)#\(id)"
+            connLogger.debug("connection accepted", metadata: ["peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+            return channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(
+                    NBDConnectionHandler(exports: exports, tracker: tracker, logger: connLogger))
+            }
+        }
+        switch listener {
+        case .tcp(let host, let port):
+            return b.bind(host: host, port: port)
+        case .unix(let path):
+            return b.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+        }
+    }
+
+    /// Stops accepting, lets every connection finish its in-flight requests (up to `grace`), closes the
+    /// exports' storage, and removes Unix socket files.
+    public func shutdown(grace: TimeAmount = .seconds(30)) {
+        let listening = serverChannels.withLockedValue { c -> [any Channel] in defer { c = [] }; return c }
+        for c in listening { try? c.close().wait() }
+        let open = tracker.beginShutdown()
+        if !open.isEmpty { logger.info("shutting down: draining \(open.count) connection(s)") }
+        for c in open { c.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        let deadline = NIODeadline.now() + grace
+        for c in open {
+            let closed = c.closeFuture
+            let timer = c.eventLoop.scheduleTask(deadline: deadline) { c.close(promise: nil) }
+            try? closed.wait()
+            timer.cancel()
+        }
+        for e in exports {
+            do { try e.backend.close() } catch { logger.error("closing export '\(e.info.name)': \(error)") }
+        }
+        for case .unix(let path) in listeners { unlink(path) }
+    }
+}

@@ -1,0 +1,220 @@
+import Atomics
+import CNbd
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A regular file, block device or anonymous RAM file (memfd) served as an export.
+///
+/// Reads and writes are positional, so one descriptor serves every connection and thread, and a flush
+/// (fdatasync) covers writes made through any connection: the export can advertise multi-conn.
+public final class FileBackend: BlockBackend {
+    public let size: UInt64
+    public let capabilities: BackendCapabilities
+    let fd: Int32
+    let isRegularFile: Bool
+    /// Feature probes: cleared the first time the kernel says EOPNOTSUPP, so we stop asking.
+    private let nowaitReads = ManagedAtomic<Bool>(true)
+    private let nowaitWrites = ManagedAtomic<Bool>(true)
+    private let canPunchHole = ManagedAtomic<Bool>(true)
+    private let canZeroRange = ManagedAtomic<Bool>(true)
+    private let canSeekData = ManagedAtomic<Bool>(true)
+    private let closed = ManagedAtomic<Bool>(false)
+
+    init(fd: Int32, size: UInt64, writable: Bool, isRegularFile: Bool, inlineSafe: Bool) {
+        self.fd = fd
+        self.size = size
+        self.isRegularFile = isRegularFile
+        self.capabilities = BackendCapabilities(
+            writable: writable, canTrim: writable, canZero: writable, canFastZero: writable,
+            canCache: true, canMultiConn: true, inlineSafe: inlineSafe)
+    }
+
+    /// Opens a regular file or block device.
+    public static func open(path: String, readOnly: Bool) throws -> FileBackend {
+        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
+        do {
+            var st = stat()
+            guard fstat(fd, &st) == 0 else { throw SystemError("stat \(path)", errno: errno) }
+            let kind = st.st_mode & S_IFMT
+            let size: UInt64
+            if kind == S_IFREG {
+                size = UInt64(st.st_size)
+            } else if kind == S_IFBLK {
+                size = try Sys.blockDeviceSize(fd)
+            } else {
+                throw SystemError("\(path) is neither a regular file nor a block device", errno: EINVAL)
+            }
+            let fsType = Sys.fileSystemType(fd)
+            let inMemory = kind == S_IFREG && (fsType == Sys.tmpfsMagic || fsType == Sys.ramfsMagic)
+            return FileBackend(fd: fd, size: size, writable: !readOnly, isRegularFile: kind == S_IFREG,
+                               inlineSafe: inMemory)
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
+        }
+    }
+
+    /// A zero-filled RAM export of `size` bytes: a sparse memfd, so untouched pages cost nothing.
+    public static func memory(size: UInt64, name: String = "nbd-umemd") throws -> FileBackend {
+        let fd = try Sys.memfd(name: name)
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            _ = Glibc.close(fd)
+            throw SystemError("ftruncate memory export to \(size) bytes", errno: e)
+        }
+        return FileBackend(fd: fd, size: size, writable: true, isRegularFile: true, inlineSafe: true)
+    }
+
+    // MARK: read / write
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, nonBlocking: Bool) throws -> Int {
+        let useNowait = nonBlocking && !capabilities.inlineSafe
+        if useNowait && !nowaitReads.load(ordering: .relaxed) { return 0 }
+        var done = 0
+        while done < buffer.count {
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            let n: Int?
+            do {
+                n = try Sys.pread(fd, part, offset: offset + UInt64(done), nowait: useNowait)
+            } catch let e as SystemError where useNowait && e.errno == EOPNOTSUPP {
+                nowaitReads.store(false, ordering: .relaxed)
+                return done
+            }
+            guard let n else { return done }
+            if n == 0 { throw BackendError.shortRead(offset: offset + UInt64(done)) }
+            done += n
+        }
+        return done
+    }
+
+    public func write(from buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool, nonBlocking: Bool) throws -> Int {
+        let useNowait = nonBlocking && !capabilities.inlineSafe
+        if useNowait && (fua || !nowaitWrites.load(ordering: .relaxed)) { return 0 }
+        var done = 0
+        while done < buffer.count {
+            let part = UnsafeRawBufferPointer(rebasing: buffer[done...])
+            let n: Int?
+            do {
+                n = try Sys.pwrite(fd, part, offset: offset + UInt64(done), nowait: useNowait, dsync: fua)
+            } catch let e as SystemError where useNowait && e.errno == EOPNOTSUPP {
+                nowaitWrites.store(false, ordering: .relaxed)
+                return done
+            }
+            guard let n else { return done }
+            if n == 0 { throw BackendError.system(SystemError("pwrite", errno: ENOSPC)) }
+            done += n
+        }
+        return done
+    }
+
+    public func flush() throws {
+        try Sys.fdatasync(fd)
+    }
+
+    // MARK: trim / zero / cache
+
+    /// Punches a hole; false when the file system cannot (the range is left as it was).
+    private func punchHole(offset: UInt64, length: UInt64) throws -> Bool {
+        guard canPunchHole.load(ordering: .relaxed) else { return false }
+        do {
+            try Sys.fallocate(fd, mode: Int32(UMEMD_FALLOC_FL_PUNCH_HOLE | UMEMD_FALLOC_FL_KEEP_SIZE),
+                              offset: offset, length: length)
+            return true
+        } catch let e as SystemError where e.errno == EOPNOTSUPP || e.errno == ENOSYS || e.errno == EINVAL {
+            canPunchHole.store(false, ordering: .relaxed)
+            return false
+        }
+    }
+
+    public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
+        // TRIM is advisory: where holes cannot be punched the data simply stays.
+        if try punchHole(offset: offset, length: length), fua {
+            try Sys.fdatasync(fd)
+        }
+    }
+
+    public func zero(offset: UInt64, length: UInt64, mayTrim: Bool, fast: Bool, fua: Bool) throws {
+        defer { if fua { try? Sys.fdatasync(fd) } }
+        if mayTrim, try punchHole(offset: offset, length: length) {
+            return
+        }
+        if canZeroRange.load(ordering: .relaxed) {
+            do {
+                try Sys.fallocate(fd, mode: Int32(UMEMD_FALLOC_FL_ZERO_RANGE | UMEMD_FALLOC_FL_KEEP_SIZE),
+                                  offset: offset, length: length)
+                return
+            } catch let e as SystemError where e.errno == EOPNOTSUPP || e.errno == ENOSYS || e.errno == EINVAL {
+                canZeroRange.store(false, ordering: .relaxed)
+            }
+        }
+        if fast { throw BackendError.notFast }
+        try writeZeroes(offset: offset, length: length)
+    }
+
+    private static let zeroChunk = [UInt8](repeating: 0, count: 1 << 20)
+
+    private func writeZeroes(offset: UInt64, length: UInt64) throws {
+        var pos = offset
+        let end = offset + length
+        try Self.zeroChunk.withUnsafeBytes { zeros in
+            while pos < end {
+                let n = Int(min(UInt64(zeros.count), end - pos))
+                _ = try write(from: UnsafeRawBufferPointer(rebasing: zeros[0..<n]), offset: pos, fua: false, nonBlocking: false)
+                pos += UInt64(n)
+            }
+        }
+    }
+
+    public func cache(offset: UInt64, length: UInt64) throws {
+        let r = posix_fadvise(fd, off_t(offset), off_t(length), POSIX_FADV_WILLNEED)
+        if r != 0 && r != ESPIPE && r != EINVAL { throw SystemError("posix_fadvise", errno: r) }
+    }
+
+    // MARK: block status
+
+    public func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent] {
+        let end = offset + length
+        guard isRegularFile, canSeekData.load(ordering: .relaxed) else {
+            return [NBDExtent(length: UInt32(length), flags: [])]
+        }
+        var extents: [NBDExtent] = []
+        var pos = offset
+        while pos < end && extents.count < maxExtents {
+            let dataStart: UInt64
+            do {
+                dataStart = try Sys.seek(fd, offset: pos, whence: Int32(UMEMD_SEEK_DATA)) ?? size
+            } catch let e as SystemError where e.errno == EINVAL || e.errno == EOPNOTSUPP {
+                canSeekData.store(false, ordering: .relaxed)
+                if extents.isEmpty { return [NBDExtent(length: UInt32(length), flags: [])] }
+                extents.append(NBDExtent(length: UInt32(end - pos), flags: []))
+                return extents
+            }
+            let next: UInt64
+            let flags: NBDAllocationFlags
+            if dataStart > pos {
+                next = min(dataStart, end)
+                flags = [.hole, .zero]
+            } else {
+                next = min(try Sys.seek(fd, offset: pos, whence: Int32(UMEMD_SEEK_HOLE)) ?? size, end)
+                flags = []
+            }
+            // A file that shrank under us: report the rest as data rather than loop.
+            let stop = next > pos ? next : end
+            extents.append(NBDExtent(length: UInt32(stop - pos), flags: flags))
+            pos = stop
+        }
+        return extents
+    }
+
+    public func close() throws {
+        guard closed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
+        defer { _ = Glibc.close(fd) }
+        if capabilities.writable { try Sys.fdatasync(fd) }
+    }
+
+    deinit {
+        if !closed.load(ordering: .relaxed) { _ = Glibc.close(fd) }
+    }
+}

@@ -1,0 +1,95 @@
+import CNbd
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A failed system call: the operation and the errno it returned.
+public struct SystemError: Error, CustomStringConvertible, Sendable {
+    public var operation: String
+    public var errno: Int32
+
+    public init(_ operation: String, errno: Int32) {
+        self.operation = operation
+        self.errno = errno
+    }
+
+    public var description: String {
+        "\(operation): \(String(cString: strerror(errno)))"
+    }
+}
+
+/// Thin, typed wrappers over the Linux calls the stores use. Each retries EINTR and throws SystemError.
+public enum Sys {
+    @inline(__always)
+    static func retryingEINTR<T: BinaryInteger>(_ op: String, _ body: () -> T) throws -> T {
+        while true {
+            let r = body()
+            if r >= 0 { return r }
+            let e = Glibc.errno
+            if e == EINTR { continue }
+            throw SystemError(op, errno: e)
+        }
+    }
+
+    /// One preadv2. Returns the bytes read (0 at end of file). With `nowait`, EAGAIN is reported as nil.
+    static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: UInt64, nowait: Bool) throws -> Int? {
+        while true {
+            let r = umemd_pread_flags(fd, buffer.baseAddress, buffer.count, off_t(offset), nowait ? Int32(UMEMD_RWF_NOWAIT) : 0)
+            if r >= 0 { return r }
+            let e = Glibc.errno
+            if e == EINTR { continue }
+            if nowait && e == EAGAIN { return nil }
+            throw SystemError("pread", errno: e)
+        }
+    }
+
+    /// One pwritev2. With `nowait`, EAGAIN is reported as nil; with `dsync` the data is durable on return.
+    static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: UInt64, nowait: Bool, dsync: Bool) throws -> Int? {
+        var flags: Int32 = 0
+        if nowait { flags |= Int32(UMEMD_RWF_NOWAIT) }
+        if dsync { flags |= Int32(UMEMD_RWF_DSYNC) }
+        while true {
+            let r = umemd_pwrite_flags(fd, buffer.baseAddress, buffer.count, off_t(offset), flags)
+            if r >= 0 { return r }
+            let e = Glibc.errno
+            if e == EINTR { continue }
+            if nowait && e == EAGAIN { return nil }
+            throw SystemError("pwrite", errno: e)
+        }
+    }
+
+    static func fdatasync(_ fd: Int32) throws {
+        _ = try retryingEINTR("fdatasync") { Glibc.fdatasync(fd) }
+    }
+
+    static func fallocate(_ fd: Int32, mode: Int32, offset: UInt64, length: UInt64) throws {
+        _ = try retryingEINTR("fallocate") { CNbd.fallocate(fd, mode, off_t(offset), off_t(length)) }
+    }
+
+    /// lseek with SEEK_DATA / SEEK_HOLE. Returns nil for ENXIO (no more data past offset).
+    static func seek(_ fd: Int32, offset: UInt64, whence: Int32) throws -> UInt64? {
+        let r = lseek(fd, off_t(offset), whence)
+        if r >= 0 { return UInt64(r) }
+        let e = Glibc.errno
+        if e == ENXIO { return nil }
+        throw SystemError("lseek", errno: e)
+    }
+
+    static func memfd(name: String) throws -> Int32 {
+        try retryingEINTR("memfd_create") { memfd_create(name, UInt32(UMEMD_MFD_CLOEXEC)) }
+    }
+
+    static func blockDeviceSize(_ fd: Int32) throws -> UInt64 {
+        var size: UInt64 = 0
+        _ = try retryingEINTR("ioctl(BLKGETSIZE64)") { umemd_block_device_size(fd, &size) }
+        return size
+    }
+
+    /// The file system magic of the file (statfs f_type).
+    static func fileSystemType(_ fd: Int32) -> Int {
+        Int(umemd_fs_type(fd))
+    }
+
+    static let tmpfsMagic = 0x0102_1994
+    static let ramfsMagic = 0x8584_58f6
+}

@@ -1,0 +1,83 @@
+# Shared helpers for scripts/demo, scripts/test and scripts/bench. Source it; do not run it.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export ROOT
+
+# System packages every script of this project may need.
+BASE_PACKAGES=(libnbd-dev libnbd-bin python3-libnbd nbdkit qemu-utils fio pkg-config)
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ensure_packages PKG...: install the Debian packages that are missing (runs apt-get update once).
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    log "installing: ${missing[*]}"
+    $sudo apt-get update -qq >/dev/null || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install ${missing[*]} failed"
+}
+
+# build_release: builds the daemon in release mode and sets NBD_UMEMD to its path.
+build_release() {
+    (cd "$ROOT" && swift build -c release --product nbd-umemd >&2) || die "swift build failed"
+    NBD_UMEMD="$ROOT/.build/release/nbd-umemd"
+    export NBD_UMEMD
+}
+
+# wait_for_file PATH [SECONDS]: waits until PATH exists (pidfiles are written once sockets listen).
+wait_for_file() {
+    local path=$1 limit=${2:-20} i=0
+    while [ ! -e "$path" ]; do
+        sleep 0.05
+        i=$((i + 1))
+        [ $i -lt $((limit * 20)) ] || return 1
+    done
+}
+
+# start_umemd PIDFILE ARGS...: starts `nbd-umemd serve ARGS --pidfile PIDFILE` in the background,
+# waits until it listens, and prints its pid. The process is not a child of the caller's shell when
+# called as pid=$(start_umemd ...): stop it with stop_pid, which polls instead of waiting.
+start_umemd() {
+    local pidfile=$1; shift
+    rm -f "$pidfile"
+    # stdout goes to stderr so that `pid=$(start_umemd ...)` does not wait for the daemon to exit.
+    "$NBD_UMEMD" serve --pidfile "$pidfile" "$@" >&2 &
+    local pid=$!
+    if ! wait_for_file "$pidfile" 20; then
+        kill "$pid" 2>/dev/null
+        die "nbd-umemd did not start: $*"
+    fi
+    echo "$pid"
+}
+
+# start_nbdkit PIDFILE ARGS...: starts nbdkit in the foreground mode in the background and waits for it.
+start_nbdkit() {
+    local pidfile=$1; shift
+    rm -f "$pidfile"
+    nbdkit -f -P "$pidfile" "$@" >&2 &
+    local pid=$!
+    if ! wait_for_file "$pidfile" 20; then
+        kill "$pid" 2>/dev/null
+        die "nbdkit did not start: $*"
+    fi
+    echo "$pid"
+}
+
+# stop_pid PID: SIGTERM, then wait (SIGKILL after 10 s).
+stop_pid() {
+    local pid=$1 i=0
+    kill "$pid" 2>/dev/null || return 0
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 0.05
+        i=$((i + 1))
+        if [ $i -gt 200 ]; then kill -9 "$pid" 2>/dev/null; break; fi
+    done
+}
