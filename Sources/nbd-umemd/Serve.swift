@@ -8,16 +8,6 @@ import NbdPager
 import Glibc
 #endif
 
-/// A size given on the command line (`4096`, `64K`, `512M`, `2G`).
-struct ByteSize: ExpressibleByArgument {
-    var bytes: UInt64
-    init?(argument: String) {
-        guard let v = try? SizeParser.parse(argument) else { return nil }
-        bytes = v
-    }
-    static var defaultCompletionKind: CompletionKind { .default }
-}
-
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve an export over NBD.",
@@ -37,8 +27,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serve this regular file or block device.", valueName: "path"))
     var file: String?
 
-    @Option(name: .long, help: ArgumentHelp("Serve a zero-filled RAM export of this size (e.g. 512M, 2G).", valueName: "size"))
-    var memory: ByteSize?
+    @Option(name: .long, help: ArgumentHelp("Serve a zero-filled RAM export of this size (e.g. 512M, 2G).", valueName: "size"),
+            transform: { try SizeParser.parse($0) })
+    var memory: UInt64?
 
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
@@ -78,7 +69,7 @@ struct Serve: ParsableCommand {
         case (.some, .some): throw ValidationError("--file and --memory cannot be used together")
         default: break
         }
-        if let memory, memory.bytes == 0 { throw ValidationError("--memory size must be greater than zero") }
+        if memory == 0 { throw ValidationError("--memory size must be greater than zero") }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port \(port) is out of range 0-65535") }
         if ![1, 512, 1024, 2048, 4096].contains(minBlockSize) {
             throw ValidationError("--min-block-size must be 1, 512, 1024, 2048 or 4096")
@@ -114,7 +105,7 @@ struct Serve: ParsableCommand {
                 backend = try FileBackend.open(path: file, readOnly: readonly)
                 text = description ?? "file \(file)"
             } else {
-                let size = memory?.bytes ?? 0
+                let size = memory ?? 0
                 backend = try FileBackend.memory(size: size)
                 text = description ?? "memory, \(size) bytes"
             }

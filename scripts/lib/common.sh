@@ -58,16 +58,16 @@ start_umemd() {
     echo "$pid"
 }
 
-# start_nbdkit PIDFILE ARGS...: starts nbdkit in the foreground mode in the background and waits for it.
+# start_nbdkit PIDFILE ARGS...: starts nbdkit as a daemon (it forks and detaches, so it survives the
+# $(...) subshell of `pid=$(start_nbdkit ...)`), waits for its pidfile, and prints its pid.
 start_nbdkit() {
     local pidfile=$1; shift
     rm -f "$pidfile"
-    nbdkit -f -P "$pidfile" "$@" >&2 &
-    local pid=$!
-    if ! wait_for_file "$pidfile" 20; then
-        kill "$pid" 2>/dev/null
-        die "nbdkit did not start: $*"
-    fi
+    nbdkit -P "$pidfile" "$@" >&2 || die "nbdkit did not start: $*"
+    wait_for_file "$pidfile" 20 || die "nbdkit wrote no pidfile: $*"
+    local pid
+    pid=$(cat "$pidfile")
+    [ -n "$pid" ] || { sleep 0.1; pid=$(cat "$pidfile"); }
     echo "$pid"
 }
 

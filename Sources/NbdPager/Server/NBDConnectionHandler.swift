@@ -15,6 +15,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     static let maxInFlight = 128
     static let maxExtents = 16 * 1024
+    static let maxInlineRangeLength: UInt32 = 64 << 20
     static let handshakeTimeout: TimeAmount = .seconds(60)
 
     private var machine: NBDServerStateMachine
@@ -95,7 +96,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         } else {
             cumulation!.writeBuffer(&incoming)
         }
-        while !draining, var buffer = cumulation {
+        processBuffered(context: context)
+    }
+
+    /// Whether more requests may be started now: not too many in flight and the client is reading replies.
+    /// Parsing stops while this is false, so a client that floods requests without reading replies
+    /// cannot make the server buffer unbounded amounts of reply data.
+    private func mayStartRequests(_ context: ChannelHandlerContext) -> Bool {
+        inFlight < Self.maxInFlight && context.channel.isWritable
+    }
+
+    /// Parses and runs what has been received, as far as back-pressure allows.
+    private func processBuffered(context: ChannelHandlerContext) {
+        while !draining, mayStartRequests(context), var buffer = cumulation {
             cumulation = nil  // keep the storage uniquely referenced while parsing
             let action = machine.next(from: &buffer)
             cumulation = buffer
@@ -111,7 +124,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         // Make room for a large WRITE payload in one allocation instead of growing step by step.
         let pending = machine.pendingPayloadBytes
-        if pending > 0, var c = cumulation {
+        if pending > 0, var c = cumulation, c.writableBytes < pending - c.readableBytes {
             cumulation = nil
             c.reserveCapacity(minimumWritableBytes: pending - c.readableBytes)
             cumulation = c
@@ -167,7 +180,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         let backend = export.backend
-        let inline = backend.capabilities.inlineSafe
+        // Memory-speed storage runs inline, except range operations so large (multi-GiB zeroing) that
+        // they would stall every other connection on this event loop.
+        let inline = backend.capabilities.inlineSafe && request.length <= Self.maxInlineRangeLength
         switch request.command {
         case .read:
             runRead(request, export: export, context: context)
@@ -342,7 +357,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: back-pressure
 
     func read(context: ChannelHandlerContext) {
-        if draining || inFlight >= Self.maxInFlight || !context.channel.isWritable {
+        if draining || !mayStartRequests(context) {
             readHeld = true
             return
         }
@@ -355,7 +370,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func resumeReadingIfPossible(_ context: ChannelHandlerContext) {
-        guard readHeld, !draining, inFlight < Self.maxInFlight, context.channel.isWritable else { return }
+        guard !draining, mayStartRequests(context) else { return }
+        if cumulation != nil {
+            processBuffered(context: context)
+            flushIfNeeded(context)
+        }
+        guard readHeld, !draining, mayStartRequests(context) else { return }
         readHeld = false
         context.read()
     }
