@@ -75,13 +75,27 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        guard event is ShutdownEvent else {
+        if event is ShutdownEvent {
+            // Server shutdown: no new requests; close once the in-flight ones are answered.
+            draining = true
+            if !machine.isInTransmission || inFlight == 0 { closeAfterReplies(context) }
+        } else if case ChannelEvent.inputClosed = event {
+            // The client shut down its sending side: answer what it sent, then close.
+            draining = true
+            if inFlight == 0 { closeAfterReplies(context) }
+        } else {
             context.fireUserInboundEventTriggered(event)
-            return
         }
-        draining = true
-        if !machine.isInTransmission || inFlight == 0 {
-            flushIfNeeded(context)
+    }
+
+    /// Closes once every reply queued so far has been handed to the kernel (a plain close would drop
+    /// replies still waiting for a slow client to read).
+    private func closeAfterReplies(_ context: ChannelHandlerContext) {
+        guard context.channel.isActive else { return }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        needsFlush = false
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: written)
+        written.futureResult.assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
         }
     }
@@ -165,10 +179,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             sendError(rejection.error, cookie: rejection.cookie, message: rejection.message, context)
         case .disconnect:
             draining = true
-            if inFlight == 0 {
-                flushIfNeeded(context)
-                context.close(promise: nil)
-            }
+            if inFlight == 0 { closeAfterReplies(context) }
         }
     }
 
@@ -348,7 +359,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func afterCompletion(_ context: ChannelHandlerContext) {
         if draining {
-            if inFlight == 0 && context.channel.isActive { context.close(promise: nil) }
+            if inFlight == 0 { closeAfterReplies(context) }
             return
         }
         resumeReadingIfPossible(context)

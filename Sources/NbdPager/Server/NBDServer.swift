@@ -65,6 +65,7 @@ public final class NBDServer: Sendable {
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
             .childChannelOption(.autoRead, value: true)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
         if isTCP {
             b = b.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
         }
