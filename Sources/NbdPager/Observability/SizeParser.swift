@@ -24,11 +24,14 @@ public enum SizeParser {
             suffix = String(last) + suffix
             digits = digits.dropLast()
         }
-        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let base = UInt64(digits) else {
-            throw .invalid(text)
-        }
+        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }) else { throw .invalid(text) }
+        guard let base = UInt64(digits) else { throw .tooLarge(text) }
         var unit = suffix.uppercased()
-        if unit.hasSuffix("IB") { unit.removeLast(2) } else if unit.hasSuffix("B") { unit.removeLast() }
+        if unit.count == 3 && unit.hasSuffix("IB") {
+            unit.removeLast(2)  // KiB, MiB, ...
+        } else if unit.hasSuffix("B") && !unit.hasSuffix("IB") {
+            unit.removeLast()   // B, KB, MB, ...
+        }
         let shift: UInt64
         switch unit {
         case "": shift = 0
