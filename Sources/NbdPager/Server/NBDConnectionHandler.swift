@@ -28,8 +28,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var cumulation: ByteBuffer?
     private var inFlight = 0
     private var readHeld = false
-    /// DISC received, shutdown requested or the client is gone: no more requests, close once drained.
-    private var draining = false
+    /// No more bytes will be read: DISC received, the client half-closed, or the server is shutting down.
+    /// Requests already received are still answered; the connection closes once they are.
+    private var inputDone = false
+    /// Server shutdown: requests not yet started are answered with ESHUTDOWN instead of being run.
+    private var shuttingDown = false
+    /// The close has been initiated (or the channel is gone): nothing more is parsed or sent.
+    private var closing = false
+    /// Parsing stopped on back-pressure with complete requests possibly still buffered.
+    private var parsingBlocked = false
     private var needsFlush = false
     private var handshakeTimer: Scheduled<Void>?
 
@@ -62,7 +69,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         handshakeTimer?.cancel()
         machine.markClosed()
-        draining = true
+        closing = true
         cumulation = nil
         tracker.remove(context.channel)
         logger.debug("connection closed")
@@ -76,21 +83,35 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ShutdownEvent {
-            // Server shutdown: no new requests; close once the in-flight ones are answered.
-            draining = true
-            if !machine.isInTransmission || inFlight == 0 { closeAfterReplies(context) }
+            // Server shutdown (NBD spec: serve in-flight requests, answer the rest with ESHUTDOWN).
+            shuttingDown = true
+            inputDone = true
+            if !machine.isInTransmission {
+                closeAfterReplies(context)
+            } else {
+                processBuffered(context: context)
+                flushIfNeeded(context)
+                finishIfDone(context)
+            }
         } else if case ChannelEvent.inputClosed = event {
             // The client shut down its sending side: answer what it sent, then close.
-            draining = true
-            if inFlight == 0 { closeAfterReplies(context) }
+            inputDone = true
+            finishIfDone(context)
         } else {
             context.fireUserInboundEventTriggered(event)
         }
     }
 
+    /// Once no more input will come, closes when every received request has been answered.
+    private func finishIfDone(_ context: ChannelHandlerContext) {
+        if inputDone && inFlight == 0 && !parsingBlocked { closeAfterReplies(context) }
+    }
+
     /// Closes once every reply queued so far has been handed to the kernel (a plain close would drop
     /// replies still waiting for a slow client to read).
     private func closeAfterReplies(_ context: ChannelHandlerContext) {
+        guard !closing else { return }
+        closing = true
         guard context.channel.isActive else { return }
         let written = context.eventLoop.makePromise(of: Void.self)
         needsFlush = false
@@ -104,13 +125,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
-        guard !draining else { return }
+        guard !closing, !machine.isClosed else { return }
         if cumulation == nil {
             cumulation = incoming
         } else {
             cumulation!.writeBuffer(&incoming)
         }
         processBuffered(context: context)
+        finishIfDone(context)
     }
 
     /// Whether more requests may be started now: not too many in flight and the client is reading replies.
@@ -121,8 +143,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Parses and runs what has been received, as far as back-pressure allows.
+    /// During shutdown nothing new is started, so everything buffered is parsed and answered at once.
     private func processBuffered(context: ChannelHandlerContext) {
-        while !draining, mayStartRequests(context), var buffer = cumulation {
+        parsingBlocked = false
+        while !closing, var buffer = cumulation {
+            guard shuttingDown || mayStartRequests(context) else {
+                parsingBlocked = true
+                break
+            }
             cumulation = nil  // keep the storage uniquely referenced while parsing
             let action = machine.next(from: &buffer)
             cumulation = buffer
@@ -155,13 +183,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .send(let bytes):
             send(bytes, context)
         case .sendAndClose(let bytes):
-            draining = true
+            closing = true
             context.writeAndFlush(wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
                 context.close(promise: nil)
             }
         case .close(let reason):
             logger.info("closing connection: \(reason)")
-            draining = true
+            closing = true
             flushIfNeeded(context)
             context.close(promise: nil)
         case .enterTransmission(let bytes, let session):
@@ -173,13 +201,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             logger.debug("transmission phase", metadata: ["structured": "\(structured)"])
             send(bytes, context)
         case .request(let request, let payload):
-            run(request, payload: payload, context: context)
+            if shuttingDown {
+                sendError(.eshutdown, cookie: request.cookie, message: "server is shutting down", context)
+            } else {
+                run(request, payload: payload, context: context)
+            }
         case .reject(let rejection):
             logger.debug("rejected request: \(rejection.message)")
             sendError(rejection.error, cookie: rejection.cookie, message: rejection.message, context)
         case .disconnect:
-            draining = true
-            if inFlight == 0 { closeAfterReplies(context) }
+            inputDone = true
         }
     }
 
@@ -358,17 +389,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func afterCompletion(_ context: ChannelHandlerContext) {
-        if draining {
-            if inFlight == 0 { closeAfterReplies(context) }
-            return
-        }
         resumeReadingIfPossible(context)
+        finishIfDone(context)
     }
 
     // MARK: back-pressure
 
     func read(context: ChannelHandlerContext) {
-        if draining || !mayStartRequests(context) {
+        if inputDone || closing || !mayStartRequests(context) {
             readHeld = true
             return
         }
@@ -377,16 +405,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         resumeReadingIfPossible(context)
+        finishIfDone(context)
         context.fireChannelWritabilityChanged()
     }
 
     private func resumeReadingIfPossible(_ context: ChannelHandlerContext) {
-        guard !draining, mayStartRequests(context) else { return }
+        guard !closing, mayStartRequests(context) else { return }
         if cumulation != nil {
             processBuffered(context: context)
             flushIfNeeded(context)
         }
-        guard readHeld, !draining, mayStartRequests(context) else { return }
+        guard readHeld, !inputDone, !closing, mayStartRequests(context) else { return }
         readHeld = false
         context.read()
     }

@@ -1,0 +1,249 @@
+# Shared helpers for the integration test scripts. Source it; do not run it.
+# shellcheck shell=bash
+#
+# Each test script:
+#   . "$(dirname "$0")/lib.sh"
+#   serve_unix srv --memory 64M          # socket $T/srv.sock, log $T/srv.log, pid ${SRV_PID[srv]}
+#   ... assertions ...
+#   pass
+# Servers are children of the test shell (so `wait` gives their exit status) and are stopped by the
+# EXIT trap. On failure the trap prints the tail of every server log.
+
+set -Eeuo pipefail
+
+IT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../../scripts/lib/common.sh
+. "$IT_DIR/../../scripts/lib/common.sh"
+
+: "${NBD_UMEMD:=$ROOT/.build/release/nbd-umemd}"
+export NBD_UMEMD
+# nbdsh and python3-libnbd need the system python, not a pyenv one earlier in PATH.
+export PATH="/usr/bin:$PATH"
+PY=/usr/bin/python3
+export PYTHONPATH="$IT_DIR${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export PYTHONDONTWRITEBYTECODE=1   # no __pycache__ in the source tree
+export LIBNBD_DEBUG=0
+
+TEST_NAME=$(basename "$0" .sh)
+# Unix socket paths must stay short (108 bytes): always under /tmp.
+T=$(mktemp -d "/tmp/it-${TEST_NAME:0:20}.XXXXXX")
+declare -A SRV_PID=()
+declare -A SRV_STOPPED=()
+CLEANUP_CMDS=()   # extra commands (strings) the EXIT trap runs after stopping the servers
+SRV_RC=
+_PASSED=0
+
+say() { printf '[%s] %s\n' "$TEST_NAME" "$*"; }
+
+fail() {
+    printf '[%s] FAIL: %s\n' "$TEST_NAME" "$*" >&2
+    exit 1
+}
+
+_on_err() {
+    local rc=$? line=$1 cmd=${2%%$'\n'*} where="" i
+    # report the script line that called into lib.sh, if the failure happened inside a helper
+    for ((i = 0; i < ${#BASH_SOURCE[@]}; i++)); do
+        if [ "${BASH_SOURCE[$i]}" = "$0" ] && [ "$i" -gt 0 ]; then where=" (called from $0 line ${BASH_LINENO[$((i - 1))]})"; break; fi
+    done
+    printf '[%s] FAIL: command exited %d at %s line %s%s: %s\n' "$TEST_NAME" "$rc" "${BASH_SOURCE[1]:-$0}" "$line" "$where" "$cmd" >&2
+}
+trap '_on_err "$LINENO" "$BASH_COMMAND"' ERR
+
+_cleanup() {
+    local rc=$? name pid i
+    trap - ERR
+    set +e
+    for name in "${!SRV_PID[@]}"; do
+        pid=${SRV_PID[$name]}
+        [ -n "${SRV_STOPPED[$name]:-}" ] && continue
+        kill -TERM "$pid" 2>/dev/null
+        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    for ((i = ${#CLEANUP_CMDS[@]} - 1; i >= 0; i--)); do eval "${CLEANUP_CMDS[$i]}" >/dev/null 2>&1; done
+    if [ "$rc" -ne 0 ] || [ "$_PASSED" -ne 1 ]; then
+        [ "$rc" -ne 0 ] || rc=1
+        [ "$_PASSED" -eq 1 ] || [ "$rc" -ne 0 ] || printf '[%s] FAIL: script ended without pass\n' "$TEST_NAME" >&2
+        for name in "${!SRV_PID[@]}"; do
+            if [ -s "$T/$name.log" ]; then
+                printf -- '--- server %s log (tail) ---\n' "$name" >&2
+                tail -n 30 "$T/$name.log" >&2
+            fi
+        done
+    fi
+    if [ -n "${KEEP_TMP:-}" ]; then
+        printf '[%s] kept %s\n' "$TEST_NAME" "$T" >&2
+    else
+        rm -rf "$T"
+    fi
+    exit "$rc"
+}
+trap _cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+[ -x "$NBD_UMEMD" ] || fail "server binary not found: $NBD_UMEMD (build it or set NBD_UMEMD)"
+
+SOFT_FAILURES=0
+# soft CMD...: run CMD; on failure record it and go on (pass then fails the test). For independent
+# sections of a script, so that one run reports every failing section.
+soft() {
+    local rc=0
+    "$@" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        SOFT_FAILURES=$((SOFT_FAILURES + 1))
+        printf '[%s] FAILED (exit %d, continuing): %s\n' "$TEST_NAME" "$rc" "$*" >&2
+    fi
+    return 0
+}
+
+# pass: mark the test as passed (must be the last thing a script does).
+pass() {
+    [ "$SOFT_FAILURES" -eq 0 ] || fail "$SOFT_FAILURES section(s) failed (see above)"
+    _PASSED=1
+    say "PASS"
+    exit 0
+}
+
+# tmo SECONDS CMD...: run a client command with a time limit.
+tmo() { timeout -k 5 "$@"; }
+
+# start_server NAME ARGS...: starts `nbd-umemd serve ARGS --pidfile $T/NAME.pid` as a child of this
+# shell with stderr in $T/NAME.log, waits for the pidfile (written once it listens).
+start_server() {
+    local name=$1; shift
+    local pidfile="$T/$name.pid" pid
+    rm -f "$pidfile"
+    "$NBD_UMEMD" serve "$@" --pidfile "$pidfile" >>"$T/$name.log" 2>&1 &
+    pid=$!
+    SRV_PID[$name]=$pid
+    unset "SRV_STOPPED[$name]"
+    if ! wait_for_file "$pidfile" 20; then
+        kill -0 "$pid" 2>/dev/null || fail "server $name exited during startup: nbd-umemd serve $*"
+        fail "server $name did not write its pidfile within 20 s: nbd-umemd serve $*"
+    fi
+    # The pidfile may be created empty then filled: give it a moment.
+    local i content=""
+    for ((i = 0; i < 40; i++)); do
+        content=$(tr -d ' \n' <"$pidfile" 2>/dev/null || true)
+        [ -n "$content" ] && break
+        sleep 0.05
+    done
+    [ "$content" = "$pid" ] || fail "pidfile $pidfile contains '$content', expected server pid $pid"
+    kill -0 "$pid" 2>/dev/null || fail "server $name died right after startup"
+}
+
+# serve_unix NAME ARGS...: start_server on Unix socket $T/NAME.sock.
+serve_unix() {
+    local name=$1; shift
+    start_server "$name" --unix "$T/$name.sock" "$@"
+    [ -S "$T/$name.sock" ] || fail "server $name: $T/$name.sock is not a socket after the pidfile appeared"
+}
+
+sock() { printf '%s' "$T/$1.sock"; }
+# uri NAME [EXPORT]: nbd+unix URI of server NAME.
+uri() { printf 'nbd+unix:///%s?socket=%s' "${2:-}" "$T/$1.sock"; }
+
+assert_alive() {
+    local name=$1
+    kill -0 "${SRV_PID[$name]}" 2>/dev/null || fail "server $name (pid ${SRV_PID[$name]}) is no longer running"
+}
+
+# stop_server NAME [SECONDS]: SIGTERM, wait up to SECONDS (default 15); sets SRV_RC to the exit status.
+stop_server() {
+    local name=$1 limit=${2:-15} pid i
+    pid=${SRV_PID[$name]}
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < limit * 20; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        SRV_STOPPED[$name]=1
+        fail "server $name did not exit within ${limit}s of SIGTERM"
+    fi
+    SRV_RC=0
+    wait "$pid" || SRV_RC=$?
+    SRV_STOPPED[$name]=1
+}
+
+# wait_server_exit NAME SECONDS: wait (without signalling) for server NAME to exit; sets SRV_RC.
+# Fails if it is still running after SECONDS.
+wait_server_exit() {
+    local name=$1 limit=$2 pid i
+    pid=${SRV_PID[$name]}
+    for ((i = 0; i < limit * 20; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -0 "$pid" 2>/dev/null && fail "server $name still running ${limit}s after it was told to stop"
+    SRV_RC=0
+    wait "$pid" || SRV_RC=$?
+    SRV_STOPPED[$name]=1
+}
+
+# stop_server_ok NAME: stop and require exit status 0.
+stop_server_ok() {
+    stop_server "$1"
+    [ "$SRV_RC" -eq 0 ] || fail "server $1 exited with status $SRV_RC after SIGTERM (expected 0)"
+}
+
+# py [ARGS...] < script: run system python3 (with nbdtest/nbdraw importable); killed by SIGALRM
+# after PY_TIMEOUT seconds (default 240).
+py() {
+    local f
+    f=$(mktemp "$T/py.XXXXXX")
+    { printf 'import signal\nsignal.alarm(%d)\n' "${PY_TIMEOUT:-240}"; cat; } >"$f"
+    "$PY" "$f" "$@"
+}
+
+# nbdsh_py URI [ARGS...] < script: like `nbdsh -u URI`: the script runs with `h` (an nbdtest.Conn,
+# strict mode untouched, base:allocation requested) already connected, and `from nbdtest import *`.
+nbdsh_py() {
+    local u=$1; shift
+    local f
+    f=$(mktemp "$T/py.XXXXXX")
+    {
+        printf 'import sys, os, errno, signal, nbd\nsignal.alarm(%d)\nfrom nbdtest import *\nURI = %s\nh = connect(URI)\n' \
+            "${PY_TIMEOUT:-240}" "'$u'"
+        cat
+        printf '\ndone()\n'
+    } >"$f"
+    "$PY" "$f" "$@"
+}
+
+assert_eq() {
+    local what=$1 expected=$2 actual=$3
+    [ "$expected" = "$actual" ] || fail "$what: expected '$expected', got '$actual'"
+}
+
+# assert_same_file EXPECTED ACTUAL WHAT: byte comparison with the first differing bytes shown.
+assert_same_file() {
+    local a=$1 b=$2 what=$3
+    if ! cmp -s "$a" "$b"; then
+        local sa sb
+        sa=$(stat -c %s "$a"); sb=$(stat -c %s "$b")
+        printf '[%s] %s: files differ (sizes %s vs %s); first differing bytes (offset, octal expected, octal actual):\n' \
+            "$TEST_NAME" "$what" "$sa" "$sb" >&2
+        cmp -l "$a" "$b" 2>&1 | head -n 5 >&2 || true
+        fail "$what: content differs"
+    fi
+}
+
+# random_file PATH MIB: MIB MiB of random data.
+random_file() { head -c "$(($2 * 1048576))" /dev/urandom >"$1"; }
+
+# json_get FILE EXPR: evaluate python expression EXPR with `j` bound to the parsed JSON of FILE;
+# prints the result as JSON (so strings come out quoted, booleans as true/false).
+json_get() { "$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2])))' "$1" "$2"; }
+
+# free_port: a currently unused TCP port on 127.0.0.1.
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+
+# rss_kib PID: resident set size in KiB.
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }

@@ -1,0 +1,175 @@
+"""Helpers for integration tests written in Python (system python3 + python3-libnbd).
+
+Import with `from nbdtest import *` (lib.sh puts this directory on PYTHONPATH).
+"""
+
+import atexit
+import errno
+import os
+import random
+import sys
+import time
+
+import nbd
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+ENAMES = {getattr(errno, n): n for n in ("EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW",
+                                          "ENOTSUP", "ESHUTDOWN", "ERANGE", "ENOENT", "ENOTCONN")}
+
+_checks = 0
+_failures = []
+# By default a failed check is reported and the script goes on, so that one run shows every
+# mismatch; the process then exits 1 (see _at_exit). NBDTEST_FAIL_FAST=1 stops at the first one.
+FAIL_FAST = os.environ.get("NBDTEST_FAIL_FAST", "") not in ("", "0")
+
+
+def ename(e):
+    return ENAMES.get(e, str(e))
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def fail(msg):
+    if FAIL_FAST:
+        raise TestFailure(msg)
+    _failures.append(msg)
+    print("CHECK FAILED: " + msg, file=sys.stderr, flush=True)
+
+
+def _at_exit():
+    if _failures:
+        print("%d check(s) failed:" % len(_failures), file=sys.stderr)
+        for f in _failures:
+            print("  - " + f, file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+
+atexit.register(_at_exit)
+
+
+def note(msg):
+    print(msg, flush=True)
+
+
+def check(cond, msg):
+    global _checks
+    _checks += 1
+    if not cond:
+        fail(msg)
+
+
+def hexdiff(expected, actual, base=0):
+    """Describe the first difference between two byte strings."""
+    if len(expected) != len(actual):
+        return "length %d != expected %d" % (len(actual), len(expected))
+    for i in range(len(expected)):
+        if expected[i] != actual[i]:
+            return "first difference at offset %d (%#x): got %s expected %s" % (
+                base + i, base + i, bytes(actual[i:i + 16]).hex(), bytes(expected[i:i + 16]).hex())
+    return "no difference"
+
+
+def check_data(expected, actual, what):
+    global _checks
+    _checks += 1
+    if bytes(expected) != bytes(actual):
+        fail("%s: data mismatch: %s" % (what, hexdiff(bytes(expected), bytes(actual))))
+
+
+def pattern(n, seed):
+    """Deterministic pseudo-random bytes."""
+    return random.Random(seed).randbytes(n)
+
+
+def uri_for(sock, name=""):
+    return "nbd+unix:///%s?socket=%s" % (name, sock)
+
+
+class Conn:
+    """A libnbd handle that records, through the debug callback, how many requests were actually sent
+    to the server, so that error checks prove the error came from the server and not from libnbd."""
+
+    def __init__(self, uri, meta=True, strict=None, debug=True, structured=True):
+        self.log_sent = 0
+        self.h = nbd.NBD()
+        if debug:
+            self.h.set_debug_callback(self._debug)
+            self.h.set_debug(True)
+        if not structured:
+            self.h.set_request_structured_replies(False)
+        if meta:
+            self.h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        self.h.connect_uri(uri)
+        if strict is not None:
+            self.h.set_strict_mode(strict)
+
+    def _debug(self, ctx, msg):
+        if "-> ISSUE_COMMAND.SEND_REQUEST" in msg:
+            self.log_sent += 1
+
+    def __getattr__(self, name):
+        return getattr(self.h, name)
+
+
+def connect(uri, **kw):
+    return Conn(uri, **kw)
+
+
+def expect_err(conn, errnos, what, fn, *args, **kw):
+    """Run fn(*args); it must fail with one of errnos *as reported by the server*."""
+    global _checks
+    _checks += 1
+    if isinstance(errnos, int):
+        errnos = (errnos,)
+    before = conn.log_sent if isinstance(conn, Conn) else None
+    try:
+        fn(*args, **kw)
+    except nbd.Error as e:
+        if isinstance(conn, Conn) and conn.log_sent == before:
+            fail("%s: libnbd refused the request client-side (%s); it never reached the server" %
+                 (what, e.string))
+        elif e.errnum not in errnos:
+            fail("%s: expected %s, got %s (%s)" % (what, "/".join(ename(x) for x in errnos),
+                                                   ename(e.errnum), e.string))
+        else:
+            note("ok: %s -> %s" % (what, ename(e.errnum)))
+        return e.errnum
+    fail("%s: expected %s but the request succeeded" % (what, "/".join(ename(x) for x in errnos)))
+    return None
+
+
+def expect_ok(what, fn, *args, **kw):
+    global _checks
+    _checks += 1
+    try:
+        r = fn(*args, **kw)
+    except nbd.Error as e:
+        fail("%s: expected success, got %s (%s)" % (what, ename(e.errnum), e.string))
+        return None
+    note("ok: %s" % what)
+    return r
+
+
+def block_status_list(h, length, offset, flags=0, context=nbd.CONTEXT_BASE_ALLOCATION):
+    """Return [(length, flags), ...] for one BLOCK_STATUS request."""
+    out = []
+
+    def cb(metacontext, off, entries, err):
+        if metacontext == context:
+            for i in range(0, len(entries), 2):
+                out.append((entries[i], entries[i + 1]))
+        return 0
+
+    h.block_status(length, offset, cb, flags)
+    return out
+
+
+def done():
+    if not _failures:
+        note("PASS (%d checks)" % _checks)
