@@ -40,7 +40,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var needsFlush = false
     private var handshakeTimer: Scheduled<Void>?
 
-    init(exports: [Export], tracker: ConnectionTracker, logger: Logger) {
+    /// Busy-poll window (see `NBDServer.pollWindow`); zero disables polling.
+    private let pollWindow: TimeAmount
+    private var lastRequestAt = NIODeadline.distantPast
+    private var polling = false
+    /// Requests started since the last read completed, and whether each was small (a page, not a bulk copy).
+    private var batchRequests = 0
+    private var batchAllSmall = true
+    static let pollRequestLimit: UInt32 = 64 * 1024
+
+    init(exports: [Export], tracker: ConnectionTracker, logger: Logger, pollWindow: TimeAmount = .zero) {
+        self.pollWindow = pollWindow
         self.machine = NBDServerStateMachine(exports: exports.map(\.info))
         var byName: [String: Export] = [:]
         for e in exports where byName[e.info.name] == nil { byName[e.info.name] = e }
@@ -175,7 +185,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         flushIfNeeded(context)
+        // Poll only for latency-bound traffic: one small request answered with nothing else in flight.
+        // Deep queues and bulk transfers keep the CPU for the client instead.
+        if pollWindow > .zero && batchRequests == 1 && batchAllSmall && inFlight == 0 {
+            lastRequestAt = .now()
+            startPolling(context)
+        }
+        batchRequests = 0
+        batchAllSmall = true
         context.fireChannelReadComplete()
+    }
+
+    /// Keeps the event loop spinning (epoll_wait with a zero timeout, via re-queued tasks) for a short
+    /// window after a lone small request, so the next request of a latency-bound client (a page fault, a QD1
+    /// reader) is picked up without the thread sleeping and being woken again. Stops by itself once the
+    /// connection has been quiet for the window.
+    private func startPolling(_ context: ChannelHandlerContext) {
+        guard !polling else { return }
+        polling = true
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        func tick() {
+            let (handler, context) = loopBound.value
+            guard !handler.closing, NIODeadline.now() - handler.lastRequestAt < handler.pollWindow else {
+                handler.polling = false
+                return
+            }
+            context.eventLoop.execute { tick() }
+        }
+        context.eventLoop.execute { tick() }
     }
 
     private func handle(_ action: NBDServerStateMachine.Action, context: ChannelHandlerContext) {
@@ -201,6 +238,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             logger.debug("transmission phase", metadata: ["structured": "\(structured)"])
             send(bytes, context)
         case .request(let request, let payload):
+            batchRequests += 1
+            if request.length > Self.pollRequestLimit { batchAllSmall = false }
             if shuttingDown {
                 sendError(.eshutdown, cookie: request.cookie, message: "server is shutting down", context)
             } else {

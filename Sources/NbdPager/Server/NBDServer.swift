@@ -27,9 +27,14 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let tracker = ConnectionTracker()
     private let serverChannels = NIOLockedValueBox<[any Channel]>([])
+    /// After each request a connection's event loop keeps polling for this long before it sleeps,
+    /// trading CPU for the wake-up latency of a latency-bound client. Zero disables it.
+    public let pollWindow: TimeAmount
 
-    public init(exports: [Export], listeners: [NBDListener], group: any EventLoopGroup, logger: Logger) {
+    public init(exports: [Export], listeners: [NBDListener], group: any EventLoopGroup, logger: Logger,
+                pollWindow: TimeAmount = .zero) {
         self.exports = exports
+        self.pollWindow = pollWindow
         self.listeners = listeners
         self.group = group
         self.logger = logger
@@ -55,7 +60,7 @@ public final class NBDServer: Sendable {
     }
 
     private func bootstrap(for listener: NBDListener) -> EventLoopFuture<any Channel> {
-        let exports = self.exports, tracker = self.tracker, logger = self.logger
+        let exports = self.exports, tracker = self.tracker, logger = self.logger, pollWindow = self.pollWindow
         let isTCP: Bool
         if case .tcp = listener { isTCP = true } else { isTCP = false }
         let connectionCounter = NIOLockedValueBox(0)
@@ -76,7 +81,7 @@ public final class NBDServer: Sendable {
             connLogger.debug("connection accepted", metadata: ["peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
             return channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(
-                    NBDConnectionHandler(exports: exports, tracker: tracker, logger: connLogger))
+                    NBDConnectionHandler(exports: exports, tracker: tracker, logger: connLogger, pollWindow: pollWindow))
             }
         }
         switch listener {
