@@ -32,8 +32,7 @@ public struct NBDExportInfo: Sendable, Hashable {
         self.minimumBlockSize = minimumBlockSize
     }
 
-    /// Whether a command flag or command is usable on this export, given the negotiated session.
-    var writesAllowed: Bool { !readOnly }
+    /// What is advertised (and so accepted): writes and their flags never on a read-only export.
     var fuaAdvertised: Bool { canFUA && !readOnly }
     var trimAdvertised: Bool { canTrim && !readOnly }
     var zeroAdvertised: Bool { canZero && !readOnly }

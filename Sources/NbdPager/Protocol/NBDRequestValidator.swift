@@ -69,7 +69,7 @@ public enum NBDRequestValidator {
             }
             return .success(NBDRequest(command: command, flags: flags, cookie: h.cookie, offset: 0, length: 0))
         case .write, .trim, .writeZeroes:
-            guard export.writesAllowed else { return reject(.eperm, "export is read-only") }
+            guard !export.readOnly else { return reject(.eperm, "export is read-only") }
             if command == .trim && !export.trimAdvertised { return reject(.einval, "trim is not supported") }
             if command == .writeZeroes && !export.zeroAdvertised { return reject(.einval, "write zeroes is not supported") }
         case .cache:

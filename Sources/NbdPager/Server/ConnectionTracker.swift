@@ -21,6 +21,7 @@ final class ConnectionTracker: Sendable {
         _ = state.withLockedValue { $0.channels.removeValue(forKey: ObjectIdentifier(channel)) }
     }
 
+    /// Open connections (status reporting, tests).
     var count: Int { state.withLockedValue { $0.channels.count } }
 
     /// Marks the server as shutting down and returns the connections open at that moment.

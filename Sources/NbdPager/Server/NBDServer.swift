@@ -46,17 +46,19 @@ public final class NBDServer: Sendable {
             for listener in listeners {
                 let channel = try bootstrap(for: listener).wait()
                 serverChannels.withLockedValue { $0.append(channel) }
-                logger.info("listening on \(listener)")
+                // Log the address actually bound (with --port 0 the kernel picks the port).
+                let bound: String
+                if case .tcp = listener, let address = channel.localAddress {
+                    bound = "\(address)"
+                } else {
+                    bound = "\(listener)"
+                }
+                logger.info("listening on \(bound)")
             }
         } catch {
             for c in serverChannels.withLockedValue({ $0 }) { try? c.close().wait() }
             throw error
         }
-    }
-
-    /// The TCP port actually bound (useful with port 0).
-    public var boundPorts: [Int] {
-        serverChannels.withLockedValue { $0.compactMap { $0.localAddress?.port } }
     }
 
     private func bootstrap(for listener: NBDListener) -> EventLoopFuture<any Channel> {

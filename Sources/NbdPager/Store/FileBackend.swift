@@ -136,7 +136,11 @@ public final class FileBackend: BlockBackend {
     }
 
     public func zero(offset: UInt64, length: UInt64, mayTrim: Bool, fast: Bool, fua: Bool) throws {
-        defer { if fua { try? Sys.fdatasync(fd) } }
+        try zeroRange(offset: offset, length: length, mayTrim: mayTrim, fast: fast)
+        if fua { try Sys.fdatasync(fd) }
+    }
+
+    private func zeroRange(offset: UInt64, length: UInt64, mayTrim: Bool, fast: Bool) throws {
         if mayTrim, try punchHole(offset: offset, length: length) {
             return
         }
