@@ -117,6 +117,18 @@ struct Serve: ParsableCommand {
             throw RuntimeFailure("\(error)")
         }
 
+        // SIGTERM/SIGINT start a graceful shutdown: their default action is replaced by a dispatch
+        // source the main thread waits on (set up before the server accepts anything).
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        let stop = DispatchSemaphore(value: 0)
+        let sources = [SIGTERM, SIGINT].map { sig -> any DispatchSourceSignal in
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { stop.signal() }
+            s.resume()
+            return s
+        }
+
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let pool = NIOThreadPool(numberOfThreads: threads)
         pool.start()
@@ -128,17 +140,6 @@ struct Serve: ParsableCommand {
                             minimumBlockSize: minBlockSize, threadPool: pool)
         let server = NBDServer(exports: [export], listeners: listeners, group: group, logger: logger,
                                pollWindow: .microseconds(Int64(pollUs)))
-
-        // Block the signals before any thread waits on them, then wait on a dispatch source.
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
-        let stop = DispatchSemaphore(value: 0)
-        let sources = [SIGTERM, SIGINT].map { sig -> any DispatchSourceSignal in
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { stop.signal() }
-            s.resume()
-            return s
-        }
 
         do {
             try server.start()
