@@ -93,3 +93,38 @@ public enum Sys {
     static let tmpfsMagic = 0x0102_1994
     static let ramfsMagic = 0x8584_58f6
 }
+
+// Calls the page store needs: whole-file sync (a directory after creating or renaming in it), size
+// changes, and an advisory lock so two daemons never share one store.
+extension Sys {
+    static func fsync(_ fd: Int32) throws {
+        _ = try retryingEINTR("fsync") { Glibc.fsync(fd) }
+    }
+
+    static func ftruncate(_ fd: Int32, size: UInt64) throws {
+        _ = try retryingEINTR("ftruncate") { Glibc.ftruncate(fd, off_t(size)) }
+    }
+
+    /// flock(LOCK_EX | LOCK_NB). Returns false when another open file description holds the lock.
+    static func tryLockExclusive(_ fd: Int32) throws -> Bool {
+        while true {
+            if flock(fd, LOCK_EX | LOCK_NB) == 0 { return true }
+            let e = Glibc.errno
+            if e == EINTR { continue }
+            if e == EWOULDBLOCK { return false }
+            throw SystemError("flock", errno: e)
+        }
+    }
+
+    /// open(2), retrying EINTR. `operation` names the file in the error.
+    static func open(_ path: String, flags: Int32, mode: mode_t = 0o644, operation: String) throws -> Int32 {
+        try retryingEINTR(operation) { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    /// fsync of a directory, so entries created or renamed in it survive a crash.
+    static func syncDirectory(_ path: String) throws {
+        let fd = try open(path, flags: O_RDONLY | O_DIRECTORY, operation: "open directory \(path)")
+        defer { _ = Glibc.close(fd) }
+        try fsync(fd)
+    }
+}
