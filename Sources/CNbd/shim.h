@@ -49,4 +49,10 @@ static inline long umemd_fs_type(int fd) {
     return (long)s.f_type;
 }
 
+/* Remote source (Sources/NbdPager/Remote): wake-up eventfd for the libnbd event threads. */
+#include <sys/eventfd.h>
+static inline int umemd_eventfd_create(void) {
+    return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
 #endif
