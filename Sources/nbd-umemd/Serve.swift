@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NbdPager
@@ -30,6 +31,22 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serve a zero-filled RAM export of this size (e.g. 512M, 2G).", valueName: "size"),
             transform: { try SizeParser.parse($0) })
     var memory: UInt64?
+
+    @Option(name: .long, help: ArgumentHelp("Serve a lazy copy of this NBD source (a libnbd URI such as nbd://host:10809/name or nbd+unix:///?socket=PATH): pages are pulled on first access into --store.", valueName: "uri"))
+    var source: String?
+
+    @Option(name: .long, help: ArgumentHelp("Directory holding the lazy export's pulled pages and page-state map (created if missing).", valueName: "dir"))
+    var store: String?
+
+    @Flag(name: .long, help: "Discard a --store that belongs to another source (or any store) and start empty.")
+    var resetStore = false
+
+    @Option(name: .long, help: ArgumentHelp("Bytes pulled around a missing page, aligned (e.g. 4K, 64K).", valueName: "size"),
+            transform: { try SizeParser.parse($0) })
+    var fetchSize: UInt64 = 64 * 1024
+
+    @Option(name: .long, help: ArgumentHelp("Connections to the source.", valueName: "n"))
+    var sourceConnections: Int = 2
 
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
@@ -67,11 +84,17 @@ struct Serve: ParsableCommand {
     static let defaultPort = 10809
 
     func validate() throws {
-        switch (file, memory) {
-        case (nil, nil): throw ValidationError("one of --file or --memory is required")
-        case (.some, .some): throw ValidationError("--file and --memory cannot be used together")
-        default: break
+        let chosen = [file != nil, memory != nil, source != nil].filter { $0 }.count
+        if chosen == 0 { throw ValidationError("one of --file, --memory or --source is required") }
+        if chosen > 1 { throw ValidationError("--file, --memory and --source cannot be used together") }
+        if source != nil && store == nil { throw ValidationError("--source needs --store DIR") }
+        if source == nil && (store != nil || resetStore) {
+            throw ValidationError("--store and --reset-store only apply to --source")
         }
+        if fetchSize < 4096 || fetchSize > 32 << 20 || fetchSize & (fetchSize - 1) != 0 {
+            throw ValidationError("--fetch-size must be a power of two from 4K to 32M")
+        }
+        if !(1...16).contains(sourceConnections) { throw ValidationError("--source-connections must be between 1 and 16") }
         if memory == 0 { throw ValidationError("--memory size must be greater than zero") }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port \(port) is out of range 0-65535") }
         if ![1, 512, 1024, 2048, 4096].contains(minBlockSize) {
@@ -108,6 +131,9 @@ struct Serve: ParsableCommand {
             if let file {
                 backend = try FileBackend.open(path: file, readOnly: readonly)
                 text = description ?? "file \(file)"
+            } else if let source, let store {
+                backend = try openLazy(source: source, store: store, logger: logger)
+                text = description ?? "lazy copy of \(source)"
             } else {
                 let size = memory ?? 0
                 backend = try FileBackend.memory(size: size)
@@ -157,12 +183,45 @@ struct Serve: ParsableCommand {
                 throw RuntimeFailure("cannot write pidfile \(pidfile): \(error)")
             }
         }
+        // Lazy exports commit their page state at least once a second (FLUSH/FUA commit at once).
+        var committer: (any DispatchSourceTimer)?
+        if let lazy = backend as? LazyBackend {
+            let timer = DispatchSource.makeTimerSource(queue: .global())
+            timer.schedule(deadline: .now() + 1, repeating: 1)
+            timer.setEventHandler {
+                do { try lazy.store.commit() } catch { logger.error("committing the page store: \(error)") }
+            }
+            timer.resume()
+            committer = timer
+        }
         stop.wait()
+        committer?.cancel()
         logger.info("signal received, shutting down")
         server.shutdown()
         sources.forEach { $0.cancel() }
         if let pidfile { unlink(pidfile) }
         logger.info("stopped")
+    }
+
+    /// Connects to the source, opens (or creates) the store, and marks the source's zero extents present.
+    private func openLazy(source uri: String, store directory: String, logger: Logger) throws -> LazyBackend {
+        let remote = try LibnbdSource.connect(uri: uri, connections: sourceConnections, logger: logger)
+        let pages: PageStore
+        do {
+            pages = try PageStore.open(directory: directory, size: remote.size, identity: uri, reset: resetStore)
+        } catch {
+            remote.close()
+            throw error
+        }
+        let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger)
+        let snap = pages.snapshot()
+        logger.info("store \(directory): \(snap.present) present, \(snap.local) local, \(snap.absent) absent pages")
+        do {
+            try runBlocking { try await lazy.markSourceZeros() }
+        } catch {
+            logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
+        }
+        return lazy
     }
 
     private func writePidfile(_ path: String) throws {
@@ -176,6 +235,26 @@ struct Serve: ParsableCommand {
         guard n == text.count else { throw SystemError("write \(tmp)", errno: e) }
         guard rename(tmp, path) == 0 else { throw SystemError("rename \(tmp)", errno: errno) }
     }
+}
+
+/// Runs async work from synchronous start-up code and waits for it.
+func runBlocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+    let done = DispatchSemaphore(value: 0)
+    let result = NIOLockedValueBox<Result<T, any Error>?>(nil)
+    Task {
+        do {
+            let value = try await body()
+            result.withLockedValue { $0 = .success(value) }
+        } catch {
+            result.withLockedValue { $0 = .failure(error) }
+        }
+        done.signal()
+    }
+    done.wait()
+    guard let outcome = result.withLockedValue({ $0 }) else {
+        throw RuntimeFailure("start-up task ended without a result")
+    }
+    return try outcome.get()
 }
 
 /// A failure after the arguments were accepted (a file that cannot be opened, a port in use...).

@@ -260,6 +260,37 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             sendError(.eio, cookie: request.cookie, message: "export is gone", context)
             return
         }
+        // A lazy export first makes the range local (pulling absent pages); plain exports are ready.
+        let ready: EventLoopFuture<Void>?
+        switch request.command {
+        case .read, .cache:
+            ready = export.backend.prepare(offset: request.offset, length: UInt64(request.length), forWrite: false,
+                                           eventLoop: context.eventLoop)
+        case .write, .trim, .writeZeroes:
+            ready = export.backend.prepare(offset: request.offset, length: UInt64(request.length), forWrite: true,
+                                           eventLoop: context.eventLoop)
+        case .flush, .blockStatus, .disconnect:
+            ready = nil
+        }
+        guard let ready else {
+            execute(request, payload: payload, export: export, context: context)
+            return
+        }
+        inFlight += 1
+        ready.assumeIsolated().whenComplete { result in
+            self.inFlight -= 1
+            switch result {
+            case .success:
+                self.execute(request, payload: payload, export: export, context: context)
+            case .failure(let error):
+                self.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)", context)
+            }
+            self.flushIfNeeded(context)
+            self.afterCompletion(context)
+        }
+    }
+
+    private func execute(_ request: NBDRequest, payload: ByteBuffer?, export: Export, context: ChannelHandlerContext) {
         let backend = export.backend
         // Memory-speed storage runs inline, except range operations so large (multi-GiB zeroing) that
         // they would stall every other connection on this event loop.

@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Storage behind an export. Implementations are thread-safe: the server calls them from event loops
 /// (only with `nonBlocking` I/O) and from its I/O thread pool.
 public protocol BlockBackend: AnyObject, Sendable {
@@ -23,6 +25,16 @@ public protocol BlockBackend: AnyObject, Sendable {
     func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent]
     /// Called once when the server shuts down.
     func close() throws
+    /// Makes `offset ..< offset + length` usable by the calls above without waiting on anything but local
+    /// storage (a lazy export pulls absent pages from its source; for a write, only partial edge pages).
+    /// Nil when the range is ready now.
+    func prepare(offset: UInt64, length: UInt64, forWrite: Bool, eventLoop: any EventLoop) -> EventLoopFuture<Void>?
+}
+
+extension BlockBackend {
+    public func prepare(offset: UInt64, length: UInt64, forWrite: Bool, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
+        nil
+    }
 }
 
 public struct BackendCapabilities: Sendable, Hashable {

@@ -1,0 +1,292 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An export whose pages are pulled on first access from a remote NBD source into a local `PageStore`.
+///
+/// Invariants (DESIGN §3):
+/// - a page's state only moves forward (absent → present when pulled, → local when a client writes,
+///   trims or zeroes it);
+/// - concurrent misses on one page share one source read (single flight);
+/// - a pull that completes after a client wrote a page never overwrites the client's data: pulled data
+///   is written only to pages still absent and not being written, under the same lock that writers use
+///   to announce themselves;
+/// - data reaches stable storage before the state that marks it present (`PageStore.commit`).
+public final class LazyBackend: BlockBackend, @unchecked Sendable {
+    public let store: PageStore
+    public let source: any RemoteSource
+    public let fetchSize: UInt64
+    public let capabilities: BackendCapabilities
+    private let logger: Logger
+
+    /// Guards `pulls` and `writing`; the data writes of a pull's completion happen under it too.
+    private let lock = NIOLock()
+    /// Page → the pull that will make it present.
+    private var pulls: [UInt64: EventLoopFuture<Void>] = [:]
+    /// Pages a client is writing right now (count of writers), which pulls must not touch.
+    private var writing: [UInt64: Int] = [:]
+    private var completionLogged = false
+
+    public var size: UInt64 { store.size }
+    var geometry: PageGeometry { store.geometry }
+
+    public init(store: PageStore, source: any RemoteSource, fetchSize: UInt64, logger: Logger) {
+        self.store = store
+        self.source = source
+        self.fetchSize = max(fetchSize, store.pageSize)
+        self.logger = logger
+        self.capabilities = BackendCapabilities(
+            writable: true, canTrim: true, canZero: true, canFastZero: true, canCache: true,
+            canMultiConn: true, inlineSafe: false)
+    }
+
+    // MARK: making ranges readable
+
+    /// Pulls whatever is absent in `offset ..< offset + length` (for a write: only the partial pages at
+    /// its edges, since whole pages are simply overwritten). Nil when nothing needs pulling.
+    public func prepare(offset: UInt64, length: UInt64, forWrite: Bool, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
+        let pages = geometry.pages(covering: offset, length: length)
+        guard !pages.isEmpty else { return nil }
+        if forWrite {
+            var edges: [Range<UInt64>] = []
+            if !geometry.isPageAligned(offset) { edges.append(pages.lowerBound ..< pages.lowerBound + 1) }
+            let end = offset + length
+            if end < size && !geometry.isPageAligned(end) && (edges.last?.lowerBound != pages.upperBound - 1) {
+                edges.append(pages.upperBound - 1 ..< pages.upperBound)
+            }
+            let futures = edges.compactMap { ensurePresent($0, eventLoop: eventLoop) }
+            return futures.isEmpty ? nil : EventLoopFuture.andAllSucceed(futures, on: eventLoop)
+        }
+        return ensurePresent(pages, eventLoop: eventLoop)
+    }
+
+    /// Starts pulls for the absent pages of `pages` that no pull covers yet, and returns a future for
+    /// all the pulls the range waits on (nil when every page is already present or local).
+    func ensurePresent(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
+        let absent = store.runs(of: .absent, in: pages)
+        guard !absent.isEmpty else { return nil }
+        var waits: [EventLoopFuture<Void>] = []
+        var starts: [(Range<UInt64>, EventLoopPromise<Void>)] = []
+        lock.withLock {
+            var seen = Set<ObjectIdentifier>()
+            for run in absent {
+                var page = run.lowerBound
+                while page < run.upperBound {
+                    if let f = pulls[page] {
+                        if seen.insert(ObjectIdentifier(f)).inserted { waits.append(f) }
+                        page += 1
+                        continue
+                    }
+                    // A new pull: this page's fetch window, over pages still absent and not claimed.
+                    let window = fetchWindow(around: page)
+                    var lo = page
+                    while lo > window.lowerBound, pulls[lo - 1] == nil, store.state(of: lo - 1) == .absent { lo -= 1 }
+                    var hi = page + 1
+                    while hi < window.upperBound, pulls[hi] == nil, store.state(of: hi) == .absent { hi += 1 }
+                    let promise = eventLoop.makePromise(of: Void.self)
+                    for p in lo ..< hi { pulls[p] = promise.futureResult }
+                    starts.append((lo ..< hi, promise))
+                    waits.append(promise.futureResult)
+                    page = hi
+                }
+            }
+        }
+        for (range, promise) in starts {
+            pull(range, promise: promise)
+        }
+        if waits.isEmpty { return nil }
+        return waits.count == 1 ? waits[0] : EventLoopFuture.andAllSucceed(waits, on: eventLoop)
+    }
+
+    /// The fetch-size-aligned window of pages around `page`.
+    private func fetchWindow(around page: UInt64) -> Range<UInt64> {
+        let pagesPerFetch = max(1, fetchSize / store.pageSize)
+        let lo = page - page % pagesPerFetch
+        return lo ..< min(lo + pagesPerFetch, store.pageCount)
+    }
+
+    private func pull(_ pages: Range<UInt64>, promise: EventLoopPromise<Void>) {
+        let (offset, length) = geometry.byteRange(of: pages)
+        let source = self.source
+        promise.completeWithTask { [self] in
+            defer { lock.withLock { for p in pages where pulls[p] === promise.futureResult { pulls[p] = nil } } }
+            let data = try await source.read(offset: offset, length: Int(length))
+            try self.storePulled(data, pages: pages)
+        }
+    }
+
+    /// Writes pulled data for the pages that are still absent and not being written, then marks them
+    /// present. All-zero pages become holes.
+    private func storePulled(_ data: ByteBuffer, pages: Range<UInt64>) throws {
+        let pageSize = store.pageSize
+        try lock.withLock {
+            try data.withUnsafeReadableBytes { bytes in
+                for run in store.runs(of: .absent, in: pages) {
+                    var page = run.lowerBound
+                    while page < run.upperBound {
+                        guard writing[page] == nil else { page += 1; continue }
+                        let start = Int((page - pages.lowerBound) * pageSize)
+                        let length = Int(geometry.length(ofPage: page))
+                        let slice = UnsafeRawBufferPointer(rebasing: bytes[start ..< start + length])
+                        let offset = geometry.byteOffset(ofPage: page)
+                        if PageStore.isAllZero(slice) {
+                            try store.punchHole(offset: offset, length: UInt64(length))
+                        } else {
+                            try store.writeData(from: slice, offset: offset)
+                        }
+                        store.markPresent(page ..< page + 1)
+                        page += 1
+                    }
+                }
+            }
+        }
+        noteCompletion()
+    }
+
+    private func noteCompletion() {
+        guard store.isComplete else { return }
+        let first = lock.withLock { () -> Bool in
+            defer { completionLogged = true }
+            return !completionLogged
+        }
+        if first {
+            logger.info("every page is local; the source is no longer needed")
+            source.close()
+        }
+    }
+
+    // MARK: zeros from the source's allocation map
+
+    /// Asks the source for its base:allocation map and turns every whole page it reports as zero into a
+    /// local hole marked present, so that a mostly empty image costs almost no transfer. Returns the
+    /// number of pages marked.
+    @discardableResult
+    public func markSourceZeros(chunk: UInt64 = 1 << 30) async throws -> UInt64 {
+        guard source.supportsExtents, store.count(of: .absent, in: 0 ..< store.pageCount) > 0 else { return 0 }
+        var marked: UInt64 = 0
+        var offset: UInt64 = 0
+        while offset < size {
+            let length = min(chunk, size - offset)
+            var pos = offset
+            for extent in try await source.extents(offset: offset, length: length) {
+                let end = pos + UInt64(extent.length)
+                if extent.flags.contains(.zero) {
+                    marked += try markZero(from: pos, to: end)
+                }
+                pos = end
+            }
+            offset += length
+        }
+        if marked > 0 { logger.info("source reports \(marked) zero pages: marked present without transfer") }
+        noteCompletion()
+        return marked
+    }
+
+    /// Marks the whole pages inside `start ..< end` that are absent, unclaimed and not being written as
+    /// present holes.
+    private func markZero(from start: UInt64, to end: UInt64) throws -> UInt64 {
+        let first = geometry.alignUp(start, to: store.pageSize) / store.pageSize
+        let last = end >= size ? store.pageCount : end / store.pageSize
+        guard first < last else { return 0 }
+        var marked: UInt64 = 0
+        try lock.withLock {
+            for run in store.runs(of: .absent, in: first ..< last) {
+                for page in run where pulls[page] == nil && writing[page] == nil {
+                    try store.punchHole(offset: geometry.byteOffset(ofPage: page), length: geometry.length(ofPage: page))
+                    marked += store.markPresent(page ..< page + 1)
+                }
+            }
+        }
+        return marked
+    }
+
+    // MARK: BlockBackend
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, nonBlocking: Bool) throws -> Int {
+        // The store is a disk file: never read it on an event loop.
+        if nonBlocking { return 0 }
+        let pages = geometry.pages(covering: offset, length: UInt64(buffer.count))
+        try waitUntilReadable(pages)
+        try store.readData(into: buffer, offset: offset)
+        return buffer.count
+    }
+
+    /// Called on a pool thread after `prepare`: a pull skips pages a client is writing at that moment,
+    /// so such a page may still be absent; wait for the writer (or pull again if it gave up).
+    private func waitUntilReadable(_ pages: Range<UInt64>) throws {
+        for _ in 0 ..< 100_000 {
+            if store.count(of: .absent, in: pages) == 0 { return }
+            let beingWritten = lock.withLock { store.runs(of: .absent, in: pages).contains { r in r.contains { writing[$0] != nil } } }
+            if beingWritten {
+                usleep(100)
+            } else if let pending = ensurePresent(pages, eventLoop: MultiThreadedEventLoopGroup.singleton.any()) {
+                try pending.wait()
+            }
+        }
+        throw BackendError.system(SystemError("pages \(pages) did not become readable", errno: EIO))
+    }
+
+    /// Runs a client modification of `offset ..< offset + length`: pulls never touch these pages while
+    /// it runs, and they are marked local afterwards (edge pages must have been prepared first).
+    private func modify(offset: UInt64, length: UInt64, _ body: () throws -> Void) throws {
+        let pages = geometry.pages(covering: offset, length: length)
+        // A partial edge page must hold the source's bytes before it is merged into.
+        let end = offset + length
+        if !geometry.isPageAligned(offset) { try waitUntilReadable(pages.lowerBound ..< pages.lowerBound + 1) }
+        if end < size && !geometry.isPageAligned(end) { try waitUntilReadable(pages.upperBound - 1 ..< pages.upperBound) }
+        lock.withLock { for p in pages { writing[p, default: 0] += 1 } }
+        defer {
+            lock.withLock {
+                for p in pages {
+                    if let n = writing[p], n > 1 { writing[p] = n - 1 } else { writing[p] = nil }
+                }
+            }
+        }
+        try body()
+        store.markLocal(pages)
+    }
+
+    public func write(from buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool, nonBlocking: Bool) throws -> Int {
+        if nonBlocking { return 0 }
+        try modify(offset: offset, length: UInt64(buffer.count)) {
+            try store.writeData(from: buffer, offset: offset)
+        }
+        if fua { try store.commit() }
+        noteCompletion()
+        return buffer.count
+    }
+
+    public func flush() throws {
+        try store.commit()
+    }
+
+    public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
+        try zero(offset: offset, length: length, mayTrim: true, fast: false, fua: fua)
+    }
+
+    public func zero(offset: UInt64, length: UInt64, mayTrim: Bool, fast: Bool, fua: Bool) throws {
+        try modify(offset: offset, length: length) {
+            try store.punchHole(offset: offset, length: length)
+        }
+        if fua { try store.commit() }
+        noteCompletion()
+    }
+
+    public func cache(offset: UInt64, length: UInt64) throws {
+        // The pull happened in `prepare`; nothing else to do.
+    }
+
+    public func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent] {
+        // Absent pages are unknown (0); the rest is reported by the store's holes.
+        [NBDExtent(length: UInt32(length), flags: [])]
+    }
+
+    public func close() throws {
+        source.close()
+        try store.close()
+    }
+}
