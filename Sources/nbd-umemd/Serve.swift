@@ -75,6 +75,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("After each request, keep polling the connection this many microseconds before sleeping (lower latency for page faults and QD1 readers, at the cost of CPU while a client is active); 0 disables.", valueName: "us"))
     var pollUs: Int = 30
 
+    @Option(name: .long, help: ArgumentHelp("Open a control socket here (`nbd-umemd status --control PATH`).", valueName: "path"))
+    var control: String?
+
     @Option(name: .long, help: ArgumentHelp("Write the process id here once listening; removed on exit.", valueName: "path"))
     var pidfile: String?
 
@@ -173,6 +176,7 @@ struct Serve: ParsableCommand {
             try? backend.close()
             throw RuntimeFailure("cannot listen: \(error)")
         }
+        let control = try startControl(server: server, export: export, group: group, logger: logger)
         let info = export.info
         logger.info("serving '\(info.name)' (\(info.size) bytes\(info.readOnly ? ", read-only" : ""))")
         if let pidfile {
@@ -197,6 +201,7 @@ struct Serve: ParsableCommand {
         stop.wait()
         committer?.cancel()
         logger.info("signal received, shutting down")
+        control?.stop()
         server.shutdown()
         sources.forEach { $0.cancel() }
         if let pidfile { unlink(pidfile) }
@@ -222,6 +227,34 @@ struct Serve: ParsableCommand {
             logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
         }
         return lazy
+    }
+
+    private func startControl(server: NBDServer, export: Export, group: any EventLoopGroup,
+                              logger: Logger) throws -> ControlServer? {
+        guard let control else { return nil }
+        let kind = source != nil ? "lazy" : (file != nil ? "file" : "memory")
+        let c = ControlServer(path: control, group: group, logger: logger) { command in
+            guard command == "status" else {
+                var e = JSONObject()
+                e.add("error", "unknown command '\(command)' (known: status)")
+                return e.rendered
+            }
+            var json = JSONObject()
+            json.add("export", export.info.name)
+            json.add("kind", kind)
+            json.add("size", export.info.size)
+            json.add("read_only", export.info.readOnly)
+            json.add("connections", server.connectionCount)
+            (export.backend as? LazyBackend)?.status().addFields(to: &json)
+            return json.rendered
+        }
+        do {
+            try c.start()
+        } catch {
+            server.shutdown(grace: .seconds(1))
+            throw RuntimeFailure("cannot open control socket \(control): \(error)")
+        }
+        return c
     }
 
     private func writePidfile(_ path: String) throws {

@@ -9,6 +9,8 @@ import Glibc
 /// Implementations are thread-safe and allow many reads in flight at once. A read either returns
 /// exactly `length` bytes or throws a `SourceError`; it never returns a short buffer.
 public protocol RemoteSource: AnyObject, Sendable {
+    /// Whether at least one connection to the source is up.
+    var isConnected: Bool { get }
     /// Size of the export in bytes, fixed for the lifetime of the source.
     var size: UInt64 { get }
 

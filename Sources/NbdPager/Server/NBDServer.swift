@@ -94,6 +94,9 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// Connections open now.
+    public var connectionCount: Int { tracker.count }
+
     /// Stops accepting, lets every connection finish its in-flight requests (up to `grace`), closes the
     /// exports' storage, and removes Unix socket files.
     public func shutdown(grace: TimeAmount = .seconds(30)) {

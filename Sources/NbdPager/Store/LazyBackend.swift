@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -31,6 +32,12 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     private var writing: [UInt64: Int] = [:]
     private var completionLogged = false
 
+    // Counters for status.
+    let bytesPulled = ManagedAtomic<UInt64>(0)
+    let pullsInFlight = ManagedAtomic<Int>(0)
+    let demandMisses = ManagedAtomic<UInt64>(0)
+    let missLatency = LatencyHistogram()
+
     public var size: UInt64 { store.size }
     var geometry: PageGeometry { store.geometry }
 
@@ -61,7 +68,14 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             let futures = edges.compactMap { ensurePresent($0, eventLoop: eventLoop) }
             return futures.isEmpty ? nil : EventLoopFuture.andAllSucceed(futures, on: eventLoop)
         }
-        return ensurePresent(pages, eventLoop: eventLoop)
+        let started = NIODeadline.now()
+        guard let pending = ensurePresent(pages, eventLoop: eventLoop) else { return nil }
+        demandMisses.wrappingIncrement(ordering: .relaxed)
+        let histogram = missLatency
+        pending.whenSuccess {
+            histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
+        }
+        return pending
     }
 
     /// Starts pulls for the absent pages of `pages` that no pull covers yet, and returns a future for
@@ -99,7 +113,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             pull(range, promise: promise)
         }
         if waits.isEmpty { return nil }
-        return waits.count == 1 ? waits[0] : EventLoopFuture.andAllSucceed(waits, on: eventLoop)
+        // A pull started by a connection on another event loop completes there: hop to the caller's.
+        let local = waits.map { $0.hop(to: eventLoop) }
+        return local.count == 1 ? local[0] : EventLoopFuture.andAllSucceed(local, on: eventLoop)
     }
 
     /// The fetch-size-aligned window of pages around `page`.
@@ -112,9 +128,14 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     private func pull(_ pages: Range<UInt64>, promise: EventLoopPromise<Void>) {
         let (offset, length) = geometry.byteRange(of: pages)
         let source = self.source
+        pullsInFlight.wrappingIncrement(ordering: .relaxed)
         promise.completeWithTask { [self] in
-            defer { lock.withLock { for p in pages where pulls[p] === promise.futureResult { pulls[p] = nil } } }
+            defer {
+                lock.withLock { for p in pages where pulls[p] === promise.futureResult { pulls[p] = nil } }
+                pullsInFlight.wrappingDecrement(ordering: .relaxed)
+            }
             let data = try await source.read(offset: offset, length: Int(length))
+            bytesPulled.wrappingIncrement(by: length, ordering: .relaxed)
             try self.storePulled(data, pages: pages)
         }
     }
@@ -157,6 +178,34 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             logger.info("every page is local; the source is no longer needed")
             source.close()
         }
+    }
+
+    // MARK: status
+
+    public struct Status: Sendable {
+        public var size: UInt64
+        public var pageSize: UInt64
+        public var pages: PageStoreSnapshot
+        public var bytesPulled: UInt64
+        public var pullsInFlight: Int
+        public var demandMisses: UInt64
+        public var missLatencyP50Microseconds: Double?
+        public var missLatencyP99Microseconds: Double?
+        public var sourceConnected: Bool
+        public var complete: Bool
+    }
+
+    public func status() -> Status {
+        let pages = store.snapshot()
+        return Status(
+            size: size, pageSize: store.pageSize, pages: pages,
+            bytesPulled: bytesPulled.load(ordering: .relaxed),
+            pullsInFlight: pullsInFlight.load(ordering: .relaxed),
+            demandMisses: demandMisses.load(ordering: .relaxed),
+            missLatencyP50Microseconds: missLatency.percentileMicroseconds(0.5),
+            missLatencyP99Microseconds: missLatency.percentileMicroseconds(0.99),
+            sourceConnected: source.isConnected,
+            complete: pages.isComplete)
     }
 
     // MARK: zeros from the source's allocation map
