@@ -48,6 +48,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Connections to the source.", valueName: "n"))
     var sourceConnections: Int = 2
 
+    @Option(name: .long, help: ArgumentHelp("While the source is unreachable or failing, keep client requests waiting and retry (reconnecting with backoff) for this many seconds before answering EIO.", valueName: "seconds"))
+    var sourceTimeout: Int = 60
+
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
 
@@ -97,6 +100,7 @@ struct Serve: ParsableCommand {
         if fetchSize < 4096 || fetchSize > 32 << 20 || fetchSize & (fetchSize - 1) != 0 {
             throw ValidationError("--fetch-size must be a power of two from 4K to 32M")
         }
+        if !(1...86_400).contains(sourceTimeout) { throw ValidationError("--source-timeout must be between 1 and 86400 seconds") }
         if !(1...16).contains(sourceConnections) { throw ValidationError("--source-connections must be between 1 and 16") }
         if memory == 0 { throw ValidationError("--memory size must be greater than zero") }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port \(port) is out of range 0-65535") }
@@ -210,7 +214,10 @@ struct Serve: ParsableCommand {
 
     /// Connects to the source, opens (or creates) the store, and marks the source's zero extents present.
     private func openLazy(source uri: String, store directory: String, logger: Logger) throws -> LazyBackend {
-        let remote = try LibnbdSource.connect(uri: uri, connections: sourceConnections, logger: logger)
+        let connections = sourceConnections
+        let remote = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), logger: logger) {
+            try LibnbdSource.connect(uri: uri, connections: connections, logger: logger)
+        }
         let pages: PageStore
         do {
             pages = try PageStore.open(directory: directory, size: remote.size, identity: uri, reset: resetStore)
