@@ -229,7 +229,7 @@ struct Serve: ParsableCommand {
         let snap = pages.snapshot()
         logger.info("store \(directory): \(snap.present) present, \(snap.local) local, \(snap.absent) absent pages")
         do {
-            try runBlocking { try await lazy.markSourceZeros() }
+            _ = try runBlocking { try await lazy.markSourceZeros() }
         } catch {
             logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
         }

@@ -247,3 +247,87 @@ free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)
 
 # rss_kib PID: resident set size in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# ---- lazy exports (--source / --store) ------------------------------------------------------------
+# A lazy export pulls pages from a source NBD server. The tests run that source with nbdkit and its
+# log filter, so the requests the daemon sent to the source can be counted afterwards.
+
+# start_source NAME IMG [ARG...]: serve IMG with `nbdkit file` (as a daemon) on $T/NAME.sock with the
+# log filter writing every request to $T/NAME.log (so `uri NAME` is its URI). ARGs that start with
+# '-' (e.g. --filter=delay, -r) go before the plugin name, key=value ARGs (rdelay=1) after it. The
+# nbdkit pid is in SRC_PID[NAME]; the EXIT trap stops it. Calling it again with the same NAME
+# replaces the running source (same socket path, the log is appended to).
+declare -A SRC_PID=()
+start_source() {
+    local name=$1 img=$2; shift 2
+    local pre=() post=() a pid
+    for a in "$@"; do
+        if [[ "$a" == -* ]]; then pre+=("$a"); else post+=("$a"); fi
+    done
+    [ -z "${SRC_PID[$name]:-}" ] || stop_source "$name"
+    rm -f "$T/$name.sock"
+    pid=$(start_nbdkit "$T/$name.src.pid" -U "$T/$name.sock" --filter=log "${pre[@]}" \
+        file "$img" "logfile=$T/$name.log" logappend=true "${post[@]}") || fail "nbdkit source $name did not start"
+    [ -n "$pid" ] || fail "nbdkit source $name: empty pidfile"
+    SRC_PID[$name]=$pid
+    CLEANUP_CMDS+=("stop_pid $pid")
+    local i
+    for ((i = 0; i < 100; i++)); do [ -S "$T/$name.sock" ] && break; sleep 0.05; done
+    [ -S "$T/$name.sock" ] || fail "nbdkit source $name: no socket $T/$name.sock"
+}
+
+# stop_source NAME: stop the nbdkit source NAME (SIGTERM, SIGKILL after 10 s).
+stop_source() {
+    [ -n "${SRC_PID[$1]:-}" ] || return 0
+    stop_pid "${SRC_PID[$1]}"
+    unset "SRC_PID[$1]"
+}
+
+# log_lines LOG: number of lines in an nbdkit log (0 if it does not exist yet); use it as a mark for
+# the SKIP argument of the functions below.
+log_lines() { if [ -e "$1" ]; then wc -l <"$1" | tr -d ' '; else echo 0; fi; }
+
+# source_requests LOG [SKIP]: every request the nbdkit log filter logged after the first SKIP lines,
+# one per line as "COMMAND OFFSET COUNT" (decimal; OFFSET/COUNT are - for requests without them,
+# e.g. Flush). Only request lines: not Connect/Disconnect/Preconnect nor the "...X return=" lines.
+source_requests() {
+    local log=$1 skip=${2:-0}
+    [ -e "$log" ] || return 0
+    # (mawk has no strtonum: hex is converted by hand)
+    awk -v skip="$skip" '
+        function hex(s,    i, c, v) {
+            v = 0; s = tolower(s)
+            for (i = 3; i <= length(s); i++) { c = index("0123456789abcdef", substr(s, i, 1)) - 1; v = v * 16 + c }
+            return v
+        }
+        NR <= skip { next }
+        {
+            cmd = ""; off = "-"; cnt = "-"
+            for (i = 1; i <= NF; i++) {
+                if ($i ~ /^id=/ && i > 1 && $(i - 1) !~ /^\.\.\./ && $(i - 1) !~ /^(Preconnect|Connect|Disconnect)$/ && $(i - 1) !~ /^connection=/) cmd = $(i - 1)
+                else if ($i ~ /^offset=0x/) off = sprintf("%.0f", hex(substr($i, 8)))
+                else if ($i ~ /^count=0x/) cnt = sprintf("%.0f", hex(substr($i, 7)))
+            }
+            if (cmd != "") print cmd, off, cnt
+        }' "$log"
+}
+
+# source_reads LOG [SKIP]: "OFFSET COUNT" (decimal) of each Read the source received after the first
+# SKIP lines of LOG, in log order.
+source_reads() { source_requests "$@" | awk '$1 == "Read" { print $2, $3 }'; }
+
+# source_read_bytes LOG [SKIP]: total bytes read from the source after the first SKIP lines.
+source_read_bytes() { source_reads "$@" | awk '{ s += $2 } END { printf "%d\n", s }'; }
+
+# serve_lazy NAME SOURCE-NAME STORE-DIR [ARG...]: nbd-umemd lazy export of source SOURCE-NAME (see
+# start_source) on $T/NAME.sock with its store in STORE-DIR.
+serve_lazy() {
+    local name=$1 src=$2 store=$3; shift 3
+    serve_unix "$name" --source "$(uri "$src")" --store "$store" "$@"
+}
+
+# require_lazy: fail early, with a clear message, if the binary has no lazy-export support.
+require_lazy() {
+    "$NBD_UMEMD" serve --help 2>&1 | grep -q -- '--source' \
+        || fail "$NBD_UMEMD has no 'serve --source' (lazy export) support"
+}

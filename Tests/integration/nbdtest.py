@@ -173,3 +173,54 @@ def block_status_list(h, length, offset, flags=0, context=nbd.CONTEXT_BASE_ALLOC
 def done():
     if not _failures:
         note("PASS (%d checks)" % _checks)
+
+
+# ---- nbdkit log filter (sources of lazy exports) -------------------------------------------------
+
+def log_mark(path):
+    """Number of lines in an nbdkit log now (0 if it does not exist): a mark for source_requests."""
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def source_requests(path, skip=0):
+    """Requests logged by nbdkit's log filter after the first `skip` lines, in log order:
+    [(command, offset, count), ...]; offset/count are None for requests without them (Flush).
+    Connect/Disconnect/Preconnect lines and the "...X return=" completion lines are left out."""
+    out = []
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        return out
+    with f:
+        for n, line in enumerate(f):
+            if n < skip:
+                continue
+            words = line.split()
+            cmd = off = cnt = None
+            for i, w in enumerate(words):
+                if w.startswith("id=") and i > 0:
+                    prev = words[i - 1]
+                    if not prev.startswith("...") and not prev.startswith("connection=") and \
+                            prev not in ("Preconnect", "Connect", "Disconnect"):
+                        cmd = prev
+                elif w.startswith("offset=0x"):
+                    off = int(w[7:], 16)
+                elif w.startswith("count=0x"):
+                    cnt = int(w[6:], 16)
+            if cmd is not None:
+                out.append((cmd, off, cnt))
+    return out
+
+
+def source_reads(path, skip=0):
+    """[(offset, count), ...] of the Read requests in an nbdkit log after the first `skip` lines."""
+    return [(o, c) for (cmd, o, c) in source_requests(path, skip) if cmd == "Read"]
+
+
+def overlapping(reads, offset, length):
+    """The (offset, count) reads that overlap [offset, offset+length)."""
+    return [(o, c) for (o, c) in reads if o < offset + length and offset < o + c]

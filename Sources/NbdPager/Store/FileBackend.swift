@@ -157,18 +157,8 @@ public final class FileBackend: BlockBackend {
         try writeZeroes(offset: offset, length: length)
     }
 
-    private static let zeroChunk = [UInt8](repeating: 0, count: 1 << 20)
-
     private func writeZeroes(offset: UInt64, length: UInt64) throws {
-        var pos = offset
-        let end = offset + length
-        try Self.zeroChunk.withUnsafeBytes { zeros in
-            while pos < end {
-                let n = Int(min(UInt64(zeros.count), end - pos))
-                _ = try write(from: UnsafeRawBufferPointer(rebasing: zeros[0..<n]), offset: pos, fua: false, nonBlocking: false)
-                pos += UInt64(n)
-            }
-        }
+        try SparseFile.writeZeroes(fd: fd, offset: offset, length: length)
     }
 
     public func cache(offset: UInt64, length: UInt64) throws {
@@ -179,37 +169,13 @@ public final class FileBackend: BlockBackend {
     // MARK: block status
 
     public func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent] {
-        let end = offset + length
-        guard isRegularFile, canSeekData.load(ordering: .relaxed) else {
-            return [NBDExtent(length: UInt32(length), flags: [])]
+        if isRegularFile, canSeekData.load(ordering: .relaxed),
+           let extents = try SparseFile.extents(fd: fd, offset: offset, length: length, fileSize: size,
+                                                maxExtents: maxExtents) {
+            return extents
         }
-        var extents: [NBDExtent] = []
-        var pos = offset
-        while pos < end && extents.count < maxExtents {
-            let dataStart: UInt64
-            do {
-                dataStart = try Sys.seek(fd, offset: pos, whence: Int32(UMEMD_SEEK_DATA)) ?? size
-            } catch let e as SystemError where e.errno == EINVAL || e.errno == EOPNOTSUPP {
-                canSeekData.store(false, ordering: .relaxed)
-                if extents.isEmpty { return [NBDExtent(length: UInt32(length), flags: [])] }
-                extents.append(NBDExtent(length: UInt32(end - pos), flags: []))
-                return extents
-            }
-            let next: UInt64
-            let flags: NBDAllocationFlags
-            if dataStart > pos {
-                next = min(dataStart, end)
-                flags = [.hole, .zero]
-            } else {
-                next = min(try Sys.seek(fd, offset: pos, whence: Int32(UMEMD_SEEK_HOLE)) ?? size, end)
-                flags = []
-            }
-            // A file that shrank under us: report the rest as data rather than loop.
-            let stop = next > pos ? next : end
-            extents.append(NBDExtent(length: UInt32(stop - pos), flags: flags))
-            pos = stop
-        }
-        return extents
+        canSeekData.store(false, ordering: .relaxed)
+        return [NBDExtent(length: UInt32(length), flags: [])]
     }
 
     public func close() throws {

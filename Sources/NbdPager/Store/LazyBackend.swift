@@ -330,8 +330,39 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     }
 
     public func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent] {
-        // Absent pages are unknown (0); the rest is reported by the store's holes.
-        [NBDExtent(length: UInt32(length), flags: [])]
+        // Absent pages are not known yet (status 0); pulled and written pages are described by the
+        // store's data file, whose holes read as zero.
+        let end = offset + length
+        var extents: [NBDExtent] = []
+        func append(_ length: UInt64, _ flags: NBDAllocationFlags) {
+            if let last = extents.last, last.flags == flags, UInt64(last.length) + length <= UInt64(UInt32.max) {
+                extents[extents.count - 1].length += UInt32(length)
+            } else {
+                extents.append(NBDExtent(length: UInt32(length), flags: flags))
+            }
+        }
+        var pos = offset
+        for run in store.runs(of: .absent, in: geometry.pages(covering: offset, length: length)) {
+            let absentStart = max(geometry.byteOffset(ofPage: run.lowerBound), offset)
+            let absentEnd = min(geometry.byteRange(of: run).offset + geometry.byteRange(of: run).length, end)
+            if absentStart > pos {
+                try appendLocal(from: pos, to: absentStart, into: &extents, maxExtents: maxExtents, append)
+            }
+            if extents.count >= maxExtents { return extents }
+            append(absentEnd - absentStart, [])
+            pos = absentEnd
+        }
+        if pos < end && extents.count < maxExtents {
+            try appendLocal(from: pos, to: end, into: &extents, maxExtents: maxExtents, append)
+        }
+        return Array(extents.prefix(maxExtents))
+    }
+
+    private func appendLocal(from start: UInt64, to end: UInt64, into extents: inout [NBDExtent], maxExtents: Int,
+                             _ append: (UInt64, NBDAllocationFlags) -> Void) throws {
+        let found = try store.dataExtents(offset: start, length: end - start, maxExtents: maxExtents)
+            ?? [NBDExtent(length: UInt32(end - start), flags: [])]
+        for e in found { append(UInt64(e.length), e.flags) }
     }
 
     public func close() throws {

@@ -584,18 +584,14 @@ public final class PageStore: @unchecked Sendable {
         canPunchHole.store(false, ordering: .relaxed)
     }
 
-    private static let zeroChunk = [UInt8](repeating: 0, count: 1 << 20)
-
     private func writeZeroes(offset: UInt64, length: UInt64) throws {
-        var pos = offset
-        let end = offset + length
-        try Self.zeroChunk.withUnsafeBytes { zeros in
-            while pos < end {
-                let n = Int(min(UInt64(zeros.count), end - pos))
-                try Self.writeFully(dataFD, UnsafeRawBufferPointer(rebasing: zeros[0 ..< n]), offset: pos, what: directory + "/data")
-                pos += UInt64(n)
-            }
-        }
+        try SparseFile.writeZeroes(fd: dataFD, offset: offset, length: length)
+    }
+
+    /// base:allocation extents of the data file (holes read as zero); nil if the file system cannot tell.
+    func dataExtents(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent]? {
+        try SparseFile.extents(fd: dataFD, offset: offset, length: length, fileSize: geometry.exportSize,
+                               maxExtents: maxExtents)
     }
 
     /// True when every byte of `buffer` is zero (word-wise), so a pulled page can be stored as a hole.

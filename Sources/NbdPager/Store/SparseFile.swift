@@ -1,0 +1,63 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CNbd
+
+/// Operations on sparse files shared by the plain file export and the page store.
+enum SparseFile {
+    /// base:allocation extents of `offset ..< offset + length` of a file from SEEK_DATA / SEEK_HOLE:
+    /// holes are reported as hole+zero, the rest as data. At most `maxExtents` extents (the last one may
+    /// stop short of the range end). Nil when the file system cannot answer SEEK_DATA.
+    static func extents(fd: Int32, offset: UInt64, length: UInt64, fileSize: UInt64,
+                        maxExtents: Int) throws -> [NBDExtent]? {
+        let end = offset + length
+        var extents: [NBDExtent] = []
+        var pos = offset
+        while pos < end && extents.count < maxExtents {
+            let dataStart: UInt64
+            do {
+                dataStart = try Sys.seek(fd, offset: pos, whence: Int32(UMEMD_SEEK_DATA)) ?? fileSize
+            } catch let e as SystemError where e.errno == EINVAL || e.errno == EOPNOTSUPP {
+                if extents.isEmpty { return nil }
+                extents.append(NBDExtent(length: UInt32(end - pos), flags: []))
+                return extents
+            }
+            let next: UInt64
+            let flags: NBDAllocationFlags
+            if dataStart > pos {
+                next = min(dataStart, end)
+                flags = [.hole, .zero]
+            } else {
+                next = min(try Sys.seek(fd, offset: pos, whence: Int32(UMEMD_SEEK_HOLE)) ?? fileSize, end)
+                flags = []
+            }
+            // A file that shrank under us: report the rest as data rather than loop.
+            let stop = next > pos ? next : end
+            extents.append(NBDExtent(length: UInt32(stop - pos), flags: flags))
+            pos = stop
+        }
+        return extents
+    }
+
+    private static let zeroChunk = [UInt8](repeating: 0, count: 1 << 20)
+
+    /// Writes zeroes over `offset ..< offset + length` (for file systems without hole punching).
+    static func writeZeroes(fd: Int32, offset: UInt64, length: UInt64) throws {
+        var pos = offset
+        let end = offset + length
+        try zeroChunk.withUnsafeBytes { zeros in
+            while pos < end {
+                let n = Int(min(UInt64(zeros.count), end - pos))
+                var done = 0
+                while done < n {
+                    let part = UnsafeRawBufferPointer(rebasing: zeros[done ..< n])
+                    guard let w = try Sys.pwrite(fd, part, offset: pos + UInt64(done), nowait: false, dsync: false),
+                          w > 0
+                    else { throw SystemError("pwrite zeroes", errno: ENOSPC) }
+                    done += w
+                }
+                pos += UInt64(n)
+            }
+        }
+    }
+}
