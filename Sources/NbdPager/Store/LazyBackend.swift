@@ -256,9 +256,12 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     // MARK: BlockBackend
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, nonBlocking: Bool) throws -> Int {
-        // The store is a disk file: never read it on an event loop.
-        if nonBlocking { return 0 }
         let pages = geometry.pages(covering: offset, length: UInt64(buffer.count))
+        if nonBlocking {
+            // On an event loop: only what is local and already in the page cache.
+            guard store.count(of: .absent, in: pages) == 0 else { return 0 }
+            return try store.readCached(into: buffer, offset: offset)
+        }
         try waitUntilReadable(pages)
         try store.readData(into: buffer, offset: offset)
         return buffer.count
@@ -346,23 +349,22 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             let absentStart = max(geometry.byteOffset(ofPage: run.lowerBound), offset)
             let absentEnd = min(geometry.byteRange(of: run).offset + geometry.byteRange(of: run).length, end)
             if absentStart > pos {
-                try appendLocal(from: pos, to: absentStart, into: &extents, maxExtents: maxExtents, append)
+                for e in try localExtents(from: pos, to: absentStart, maxExtents: maxExtents) { append(UInt64(e.length), e.flags) }
             }
             if extents.count >= maxExtents { return extents }
             append(absentEnd - absentStart, [])
             pos = absentEnd
         }
         if pos < end && extents.count < maxExtents {
-            try appendLocal(from: pos, to: end, into: &extents, maxExtents: maxExtents, append)
+            for e in try localExtents(from: pos, to: end, maxExtents: maxExtents) { append(UInt64(e.length), e.flags) }
         }
         return Array(extents.prefix(maxExtents))
     }
 
-    private func appendLocal(from start: UInt64, to end: UInt64, into extents: inout [NBDExtent], maxExtents: Int,
-                             _ append: (UInt64, NBDAllocationFlags) -> Void) throws {
-        let found = try store.dataExtents(offset: start, length: end - start, maxExtents: maxExtents)
+    /// Extents of a range of pulled or written pages, from the store's holes.
+    private func localExtents(from start: UInt64, to end: UInt64, maxExtents: Int) throws -> [NBDExtent] {
+        try store.dataExtents(offset: start, length: end - start, maxExtents: maxExtents)
             ?? [NBDExtent(length: UInt32(end - start), flags: [])]
-        for e in found { append(UInt64(e.length), e.flags) }
     }
 
     public func close() throws {

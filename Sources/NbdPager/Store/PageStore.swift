@@ -107,6 +107,8 @@ public final class PageStore: @unchecked Sendable {
     static let maxMapBytes = 1 << 30
 
     private let dataFD: Int32
+    /// Cleared the first time the kernel refuses RWF_NOWAIT on the data file.
+    private let nowaitReads = ManagedAtomic<Bool>(true)
     private let stateFD: Int32
     private let lockFD: Int32
     private let slotLength: Int
@@ -549,6 +551,27 @@ public final class PageStore: @unchecked Sendable {
             }
             done += n
         }
+    }
+
+    /// Reads what the page cache holds without blocking (RWF_NOWAIT): the number of bytes read, which is
+    /// less than asked (possibly 0) when the rest would wait for the disk.
+    public func readCached(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64) throws -> Int {
+        try checkRange("read", offset: offset, length: buffer.count)
+        guard nowaitReads.load(ordering: .relaxed) else { return 0 }
+        var done = 0
+        while done < buffer.count {
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            do {
+                guard let n = try Sys.pread(dataFD, part, offset: offset + UInt64(done), nowait: true), n > 0 else {
+                    return done
+                }
+                done += n
+            } catch let e as SystemError where e.errno == EOPNOTSUPP {
+                nowaitReads.store(false, ordering: .relaxed)
+                return done
+            }
+        }
+        return done
     }
 
     /// Writes `buffer` to the data file at `offset` (not durable until the next `commit()`).

@@ -1,0 +1,183 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import XCTest
+@testable import NbdPager
+
+/// An in-memory source whose reads can be held back, counting every read per offset.
+final class FakeSource: RemoteSource, @unchecked Sendable {
+    let data: [UInt8]
+    let zeroRanges: [Range<UInt64>]
+    private let lock = NIOLock()
+    private var reads: [(UInt64, Int)] = []
+    private var held = false
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+
+    init(data: [UInt8], zeroRanges: [Range<UInt64>] = []) {
+        self.data = data
+        self.zeroRanges = zeroRanges
+    }
+
+    var isConnected: Bool { true }
+    var size: UInt64 { UInt64(data.count) }
+    var supportsExtents: Bool { true }
+    var readLog: [(UInt64, Int)] { lock.withLock { reads } }
+
+    func hold() { lock.withLock { held = true } }
+    func release() {
+        let w = lock.withLock { () -> [CheckedContinuation<Void, Never>] in
+            held = false
+            defer { waiters = [] }
+            return waiters
+        }
+        w.forEach { $0.resume() }
+    }
+
+    func read(offset: UInt64, length: Int) async throws -> ByteBuffer {
+        lock.withLock { reads.append((offset, length)) }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let wait = lock.withLock { () -> Bool in
+                if held { waiters.append(c); return true }
+                return false
+            }
+            if !wait { c.resume() }
+        }
+        var b = ByteBuffer()
+        b.writeBytes(data[Int(offset) ..< Int(offset) + length])
+        return b
+    }
+
+    func extents(offset: UInt64, length: UInt64) async throws -> [NBDExtent] {
+        var out: [NBDExtent] = []
+        var pos = offset
+        let end = offset + length
+        for z in zeroRanges where z.upperBound > pos && z.lowerBound < end {
+            if z.lowerBound > pos { out.append(NBDExtent(length: UInt32(z.lowerBound - pos), flags: [])) }
+            let stop = min(z.upperBound, end)
+            out.append(NBDExtent(length: UInt32(stop - max(pos, z.lowerBound)), flags: [.hole, .zero]))
+            pos = stop
+        }
+        if pos < end { out.append(NBDExtent(length: UInt32(end - pos), flags: [])) }
+        return out
+    }
+
+    func close() {}
+}
+
+final class LazyBackendTests: XCTestCase {
+    static let pageSize = 4096
+    var dir = ""
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+
+    override func setUpWithError() throws {
+        dir = "/tmp/lazy-test-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+    }
+
+    override func tearDownWithError() throws {
+        try? FileManager.default.removeItem(atPath: dir)
+        try group.syncShutdownGracefully()
+    }
+
+    func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096) throws -> (LazyBackend, FakeSource) {
+        var bytes = [UInt8](repeating: 0, count: pages * Self.pageSize)
+        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ i / 4096 &+ 7) }
+        for z in zeroRanges { for i in z { bytes[Int(i)] = 0 } }
+        let source = FakeSource(data: bytes, zeroRanges: zeroRanges)
+        let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
+        return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test")), source)
+    }
+
+    func readAll(_ backend: LazyBackend, offset: UInt64, length: Int) throws -> [UInt8] {
+        if let f = backend.prepare(offset: offset, length: UInt64(length), forWrite: false, eventLoop: group.next()) {
+            try f.wait()
+        }
+        var out = [UInt8](repeating: 0xee, count: length)
+        let n = try out.withUnsafeMutableBytes { try backend.read(into: $0, offset: offset, nonBlocking: false) }
+        XCTAssertEqual(n, length)
+        return out
+    }
+
+    func testMissPullsOnceAndRereadIsLocal() throws {
+        let (backend, source) = try makeBackend(pages: 16)
+        let page3 = Array(source.data[3 * 4096 ..< 4 * 4096])
+        XCTAssertEqual(try readAll(backend, offset: 3 * 4096, length: 4096), page3)
+        XCTAssertEqual(try readAll(backend, offset: 3 * 4096, length: 4096), page3)
+        XCTAssertEqual(source.readLog.map(\.0), [3 * 4096])
+        XCTAssertEqual(backend.store.state(of: 3), .present)
+        XCTAssertEqual(backend.status().demandMisses, 1)
+        XCTAssertEqual(backend.status().bytesPulled, 4096)
+    }
+
+    func testConcurrentMissesShareOnePull() throws {
+        let (backend, source) = try makeBackend(pages: 16)
+        source.hold()
+        let futures = (0 ..< 8).compactMap { _ in
+            backend.prepare(offset: 5 * 4096 + 100, length: 10, forWrite: false, eventLoop: group.next())
+        }
+        XCTAssertEqual(futures.count, 8, "every reader waits while the page is absent")
+        source.release()
+        for f in futures { try f.wait() }
+        XCTAssertEqual(source.readLog.count, 1)
+        XCTAssertEqual(try readAll(backend, offset: 5 * 4096, length: 4096), Array(source.data[5 * 4096 ..< 6 * 4096]))
+    }
+
+    func testPullFinishingAfterAClientWriteDoesNotOverwriteIt() throws {
+        let (backend, source) = try makeBackend(pages: 4)
+        source.hold()
+        let pending = backend.prepare(offset: 0, length: 4096, forWrite: false, eventLoop: group.next())
+        XCTAssertNotNil(pending)
+        let mine = [UInt8](repeating: 0x5a, count: 4096)
+        _ = try mine.withUnsafeBytes { try backend.write(from: $0, offset: 0, fua: false, nonBlocking: false) }
+        source.release()
+        try pending?.wait()
+        XCTAssertEqual(try readAll(backend, offset: 0, length: 4096), mine)
+        XCTAssertEqual(backend.store.state(of: 0), .local)
+    }
+
+    func testWholePageWriteDoesNotPullAndPartialWriteMerges() throws {
+        let (backend, source) = try makeBackend(pages: 8)
+        XCTAssertNil(backend.prepare(offset: 4096, length: 8192, forWrite: true, eventLoop: group.next()),
+                     "page-aligned writes need no pull")
+        if let f = backend.prepare(offset: 5 * 4096 + 10, length: 100, forWrite: true, eventLoop: group.next()) {
+            try f.wait()
+        }
+        let patch = [UInt8](repeating: 0xab, count: 100)
+        _ = try patch.withUnsafeBytes { try backend.write(from: $0, offset: 5 * 4096 + 10, fua: true, nonBlocking: false) }
+        var expected = Array(source.data[5 * 4096 ..< 6 * 4096])
+        expected.replaceSubrange(10 ..< 110, with: patch)
+        XCTAssertEqual(try readAll(backend, offset: 5 * 4096, length: 4096), expected)
+        XCTAssertEqual(source.readLog.map(\.0), [5 * 4096])
+        XCTAssertEqual(backend.store.state(of: 5), .local)
+    }
+
+    func testTrimAndZeroNeverReadTheSource() throws {
+        let (backend, source) = try makeBackend(pages: 8)
+        try backend.trim(offset: 0, length: 8192, fua: false)
+        try backend.zero(offset: 8192, length: 8192, mayTrim: false, fast: false, fua: true)
+        XCTAssertEqual(try readAll(backend, offset: 0, length: 16384), [UInt8](repeating: 0, count: 16384))
+        XCTAssertTrue(source.readLog.isEmpty)
+    }
+
+    func testSourceZeroExtentsBecomePresentWithoutTransfer() async throws {
+        let (backend, source) = try makeBackend(pages: 16, zeroRanges: [4096 ..< 5 * 4096 + 100])
+        let marked = try await backend.markSourceZeros()
+        XCTAssertEqual(marked, 4, "pages 1-4 are wholly zero; page 5 only partly")
+        XCTAssertEqual(backend.store.state(of: 1), .present)
+        XCTAssertEqual(backend.store.state(of: 4), .present)
+        XCTAssertEqual(backend.store.state(of: 5), .absent)
+        XCTAssertTrue(source.readLog.isEmpty)
+        let status = try backend.blockStatus(offset: 0, length: 16 * 4096, maxExtents: 100)
+        XCTAssertEqual(status.first, NBDExtent(length: 4096, flags: []), "absent page 0 is unknown")
+        XCTAssertEqual(status.dropFirst().first, NBDExtent(length: 4 * 4096, flags: [.hole, .zero]))
+        XCTAssertEqual(status.reduce(0) { $0 + UInt64($1.length) }, 16 * 4096)
+    }
+
+    func testCompletionIsReported() throws {
+        let (backend, _) = try makeBackend(pages: 4, fetchSize: 16384)
+        XCTAssertFalse(backend.status().complete)
+        _ = try readAll(backend, offset: 0, length: 10)
+        XCTAssertTrue(backend.status().complete, "one 16K fetch window covers the 4 pages")
+    }
+}
