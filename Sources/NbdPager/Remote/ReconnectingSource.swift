@@ -93,12 +93,19 @@ public final class ReconnectingSource: RemoteSource {
     private func usableSource(deadline: NIODeadline, lastError: (any Error)?) async throws -> any RemoteSource {
         while true {
             enum Next { case ready(any RemoteSource), wait(Task<any RemoteSource, any Error>) }
+            var startedOutage = false
             let next: Next = try state.withLockedValue { s in
                 if s.closed { throw SourceError.closed }
                 if let current = s.current, current.isConnected, s.outageSince == nil || lastError == nil {
                     return .ready(current)
                 }
                 if let pending = s.reconnecting { return .wait(pending) }
+                // Reconnecting is itself the start of an outage when nothing failed a request yet (the
+                // connection dropped while idle).
+                if s.outageSince == nil {
+                    s.outageSince = .now()
+                    startedOutage = true
+                }
                 let old = s.current
                 let connect = self.connect
                 let t = Task<any RemoteSource, any Error> {
@@ -107,6 +114,9 @@ public final class ReconnectingSource: RemoteSource {
                 }
                 s.reconnecting = t
                 return .wait(t)
+            }
+            if startedOutage {
+                logOutage(lastError.map { "\($0)" } ?? "the connection to the source was lost")
             }
             let task: Task<any RemoteSource, any Error>
             switch next {
@@ -146,9 +156,11 @@ public final class ReconnectingSource: RemoteSource {
             s.outageSince = .now()
             return true
         }
-        if first {
-            logger.warning("source outage: \(error); retrying for up to \(timeout.nanoseconds / 1_000_000_000) s per request")
-        }
+        if first { logOutage("\(error)") }
+    }
+
+    private func logOutage(_ why: String) {
+        logger.warning("source outage: \(why); retrying for up to \(timeout.nanoseconds / 1_000_000_000) s per request")
     }
 
     private func recovered() {
