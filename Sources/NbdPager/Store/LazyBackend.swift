@@ -143,25 +143,41 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// Writes pulled data for the pages that are still absent and not being written, then marks them
     /// present. All-zero pages become holes.
     private func storePulled(_ data: ByteBuffer, pages: Range<UInt64>) throws {
-        let pageSize = store.pageSize
         try lock.withLock {
             try data.withUnsafeReadableBytes { bytes in
-                for run in store.runs(of: .absent, in: pages) {
-                    var page = run.lowerBound
-                    while page < run.upperBound {
-                        guard writing[page] == nil else { page += 1; continue }
-                        let start = Int((page - pages.lowerBound) * pageSize)
-                        let length = Int(geometry.length(ofPage: page))
-                        let slice = UnsafeRawBufferPointer(rebasing: bytes[start ..< start + length])
-                        let offset = geometry.byteOffset(ofPage: page)
-                        if PageStore.isAllZero(slice) {
-                            try store.punchHole(offset: offset, length: UInt64(length))
-                        } else {
-                            try store.writeData(from: slice, offset: offset)
-                        }
-                        store.markPresent(page ..< page + 1)
-                        page += 1
+                // Consecutive pages that are still absent, not being written and of the same kind (all
+                // zero or not) go to the store in one call: a hole punch or a single write.
+                var groupStart: UInt64? = nil
+                var groupZero = false
+                func flush(upTo end: UInt64) throws {
+                    guard let start = groupStart else { return }
+                    groupStart = nil
+                    let (offset, length) = geometry.byteRange(of: start ..< end)
+                    if groupZero {
+                        try store.punchHole(offset: offset, length: length)
+                    } else {
+                        let from = Int(offset - geometry.byteOffset(ofPage: pages.lowerBound))
+                        try store.writeData(from: UnsafeRawBufferPointer(rebasing: bytes[from ..< from + Int(length)]),
+                                            offset: offset)
                     }
+                    store.markPresent(start ..< end)
+                }
+                for run in store.runs(of: .absent, in: pages) {
+                    for page in run {
+                        guard writing[page] == nil else {
+                            try flush(upTo: page)
+                            continue
+                        }
+                        let from = Int(geometry.byteOffset(ofPage: page) - geometry.byteOffset(ofPage: pages.lowerBound))
+                        let length = Int(geometry.length(ofPage: page))
+                        let zero = PageStore.isAllZero(UnsafeRawBufferPointer(rebasing: bytes[from ..< from + length]))
+                        if groupStart != nil && zero != groupZero { try flush(upTo: page) }
+                        if groupStart == nil {
+                            groupStart = page
+                            groupZero = zero
+                        }
+                    }
+                    try flush(upTo: run.upperBound)
                 }
             }
         }
