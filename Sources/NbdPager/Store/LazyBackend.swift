@@ -24,12 +24,18 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     public let capabilities: BackendCapabilities
     private let logger: Logger
 
-    /// Guards `pulls` and `writing`; the data writes of a pull's completion happen under it too.
+    /// Guards `pulls`, `writing` and `storing`.
     private let lock = NIOLock()
     /// Page → the pull that will make it present.
     private var pulls: [UInt64: EventLoopFuture<Void>] = [:]
-    /// Pages a client is writing right now (count of writers), which pulls must not touch.
-    private var writing: [UInt64: Int] = [:]
+    /// Page ranges clients are writing right now (one entry per writer), which pulls must not touch.
+    /// Ranges, not pages, so that a multi-GiB TRIM costs one entry.
+    private var writing: [Range<UInt64>] = []
+    /// Page ranges whose pulled data is being written to the store right now; client writes wait for them.
+    private var storing: [Range<UInt64>] = []
+
+    private func isBeingWritten(_ page: UInt64) -> Bool { writing.contains { $0.contains(page) } }
+    private func isBeingStored(_ page: UInt64) -> Bool { storing.contains { $0.contains(page) } }
     private var completionLogged = false
 
     // Counters for status.
@@ -143,45 +149,66 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// Writes pulled data for the pages that are still absent and not being written, then marks them
     /// present. All-zero pages become holes.
     private func storePulled(_ data: ByteBuffer, pages: Range<UInt64>) throws {
-        try lock.withLock {
-            try data.withUnsafeReadableBytes { bytes in
-                // Consecutive pages that are still absent, not being written and of the same kind (all
-                // zero or not) go to the store in one call: a hole punch or a single write.
-                var groupStart: UInt64? = nil
-                var groupZero = false
-                func flush(upTo end: UInt64) throws {
-                    guard let start = groupStart else { return }
-                    groupStart = nil
-                    let (offset, length) = geometry.byteRange(of: start ..< end)
-                    if groupZero {
-                        try store.punchHole(offset: offset, length: length)
-                    } else {
-                        let from = Int(offset - geometry.byteOffset(ofPage: pages.lowerBound))
-                        try store.writeData(from: UnsafeRawBufferPointer(rebasing: bytes[from ..< from + Int(length)]),
-                                            offset: offset)
+        // Claim the pages that are still absent and not being written; client writes to claimed pages
+        // wait until the pulled data is stored (see `modify`), so the store writes can run unlocked and
+        // in parallel with other pulls.
+        let claimed: [Range<UInt64>] = lock.withLock {
+            var runs: [Range<UInt64>] = []
+            for run in store.runs(of: .absent, in: pages) {
+                var start: UInt64? = nil
+                for page in run {
+                    if !isBeingWritten(page) && !isBeingStored(page) {
+                        if start == nil { start = page }
+                    } else if let s = start {
+                        runs.append(s ..< page)
+                        start = nil
                     }
-                    store.markPresent(start ..< end)
                 }
-                for run in store.runs(of: .absent, in: pages) {
-                    for page in run {
-                        guard writing[page] == nil else {
-                            try flush(upTo: page)
-                            continue
-                        }
-                        let from = Int(geometry.byteOffset(ofPage: page) - geometry.byteOffset(ofPage: pages.lowerBound))
-                        let length = Int(geometry.length(ofPage: page))
-                        let zero = PageStore.isAllZero(UnsafeRawBufferPointer(rebasing: bytes[from ..< from + length]))
-                        if groupStart != nil && zero != groupZero { try flush(upTo: page) }
-                        if groupStart == nil {
-                            groupStart = page
-                            groupZero = zero
-                        }
-                    }
-                    try flush(upTo: run.upperBound)
+                if let s = start { runs.append(s ..< run.upperBound) }
+            }
+            storing.append(contentsOf: runs)
+            return runs
+        }
+        defer {
+            lock.withLock {
+                for run in claimed {
+                    if let i = storing.firstIndex(of: run) { storing.remove(at: i) }
                 }
             }
         }
+        let base = geometry.byteOffset(ofPage: pages.lowerBound)
+        try data.withUnsafeReadableBytes { bytes in
+            for run in claimed {
+                // Consecutive pages of the same kind (all zero or not) go to the store in one call.
+                var groupStart = run.lowerBound
+                var groupZero = false
+                for page in run {
+                    let from = Int(geometry.byteOffset(ofPage: page) - base)
+                    let zero = PageStore.isAllZero(
+                        UnsafeRawBufferPointer(rebasing: bytes[from ..< from + Int(geometry.length(ofPage: page))]))
+                    if page == run.lowerBound {
+                        groupZero = zero
+                    } else if zero != groupZero {
+                        try storeGroup(groupStart ..< page, zero: groupZero, bytes: bytes, base: base)
+                        groupStart = page
+                        groupZero = zero
+                    }
+                }
+                try storeGroup(groupStart ..< run.upperBound, zero: groupZero, bytes: bytes, base: base)
+            }
+        }
         noteCompletion()
+    }
+
+    private func storeGroup(_ group: Range<UInt64>, zero: Bool, bytes: UnsafeRawBufferPointer, base: UInt64) throws {
+        let (offset, length) = geometry.byteRange(of: group)
+        if zero {
+            try store.punchHole(offset: offset, length: length)
+        } else {
+            let from = Int(offset - base)
+            try store.writeData(from: UnsafeRawBufferPointer(rebasing: bytes[from ..< from + Int(length)]), offset: offset)
+        }
+        store.markPresent(group)
     }
 
     private func noteCompletion() {
@@ -260,7 +287,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         var marked: UInt64 = 0
         try lock.withLock {
             for run in store.runs(of: .absent, in: first ..< last) {
-                for page in run where pulls[page] == nil && writing[page] == nil {
+                for page in run where pulls[page] == nil && !isBeingWritten(page) {
                     try store.punchHole(offset: geometry.byteOffset(ofPage: page), length: geometry.length(ofPage: page))
                     marked += store.markPresent(page ..< page + 1)
                 }
@@ -288,7 +315,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     private func waitUntilReadable(_ pages: Range<UInt64>) throws {
         for _ in 0 ..< 100_000 {
             if store.count(of: .absent, in: pages) == 0 { return }
-            let beingWritten = lock.withLock { store.runs(of: .absent, in: pages).contains { r in r.contains { writing[$0] != nil } } }
+            let beingWritten = lock.withLock {
+                store.runs(of: .absent, in: pages).contains { r in writing.contains { $0.overlaps(r) } }
+            }
             if beingWritten {
                 usleep(100)
             } else if let pending = ensurePresent(pages, eventLoop: MultiThreadedEventLoopGroup.singleton.any()) {
@@ -306,12 +335,20 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         let end = offset + length
         if !geometry.isPageAligned(offset) { try waitUntilReadable(pages.lowerBound ..< pages.lowerBound + 1) }
         if end < size && !geometry.isPageAligned(end) { try waitUntilReadable(pages.upperBound - 1 ..< pages.upperBound) }
-        lock.withLock { for p in pages { writing[p, default: 0] += 1 } }
+        // Announce the write, once no pull is storing data into these pages.
+        for attempt in 0... {
+            let registered = lock.withLock { () -> Bool in
+                if storing.contains(where: { $0.overlaps(pages) }) { return false }
+                writing.append(pages)
+                return true
+            }
+            if registered { break }
+            if attempt > 1_000_000 { throw BackendError.system(SystemError("pages \(pages) stayed busy", errno: EIO)) }
+            usleep(20)
+        }
         defer {
             lock.withLock {
-                for p in pages {
-                    if let n = writing[p], n > 1 { writing[p] = n - 1 } else { writing[p] = nil }
-                }
+                if let i = writing.firstIndex(of: pages) { writing.remove(at: i) }
             }
         }
         try body()
