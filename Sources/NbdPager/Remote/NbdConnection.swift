@@ -29,13 +29,20 @@ final class PendingRequest: @unchecked Sendable {
     private let lock = NIOLock()
     private var remaining: Int
     private var firstError: SourceError?
-    private var continuation: CheckedContinuation<[UInt32], any Error>?
+    typealias Completion = @Sendable (Result<[UInt32], any Error>) -> Void
+    private var completion: Completion?
     /// base:allocation (length, flags) pairs, flattened, as the server sent them.
     private var extentPairs: [UInt32] = []
 
-    init(parts: Int, continuation: CheckedContinuation<[UInt32], any Error>) {
+    /// `completion` runs exactly once, on the thread that finishes the last part (a libnbd event
+    /// thread with the handle lock held, or the submitter): it must only hand the result on.
+    init(parts: Int, completion: @escaping Completion) {
         self.remaining = parts
-        self.continuation = continuation
+        self.completion = completion
+    }
+
+    convenience init(parts: Int, continuation: CheckedContinuation<[UInt32], any Error>) {
+        self.init(parts: parts) { continuation.resume(with: $0) }
     }
 
     var failure: SourceError? { lock.withLock { firstError } }
@@ -47,17 +54,17 @@ final class PendingRequest: @unchecked Sendable {
 
     /// Marks `count` parts as done (with `error` if they failed). The last one resumes the caller.
     func finishParts(_ count: Int, error: SourceError?) {
-        let resume: (CheckedContinuation<[UInt32], any Error>, Result<[UInt32], any Error>)? = lock.withLock {
+        let resume: (Completion, Result<[UInt32], any Error>)? = lock.withLock {
             if let error, firstError == nil { firstError = error }
             remaining -= count
-            guard remaining <= 0, let c = continuation else { return nil }
-            continuation = nil
+            guard remaining <= 0, let c = completion else { return nil }
+            completion = nil
             if let firstError { return (c, .failure(firstError)) }
             let pairs = extentPairs
             extentPairs = []
             return (c, .success(pairs))
         }
-        if let (c, result) = resume { c.resume(with: result) }
+        if let (c, result) = resume { c(result) }
     }
 }
 

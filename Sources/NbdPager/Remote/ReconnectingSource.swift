@@ -44,6 +44,22 @@ public final class ReconnectingSource: RemoteSource {
         try await retrying { try await $0.read(offset: offset, length: length) }
     }
 
+    /// Fast path without Swift concurrency while the source works; any failure falls back to the
+    /// retrying path (whose timeout starts then).
+    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> {
+        let current = state.withLockedValue { s -> (any RemoteSource)? in
+            guard !s.closed, s.outageSince == nil, let c = s.current, c.isConnected else { return nil }
+            return c
+        }
+        guard let current else {
+            return eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
+        }
+        return current.read(offset: offset, length: length, eventLoop: eventLoop).flatMapError { error in
+            guard Self.isRetryable(error) else { return eventLoop.makeFailedFuture(error) }
+            return eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
+        }
+    }
+
     public func extents(offset: UInt64, length: UInt64) async throws -> [NBDExtent] {
         try await retrying { try await $0.extents(offset: offset, length: length) }
     }

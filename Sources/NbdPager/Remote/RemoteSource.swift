@@ -26,8 +26,17 @@ public protocol RemoteSource: AnyObject, Sendable {
     /// extents with equal flags merged. Empty for `length == 0`.
     func extents(offset: UInt64, length: UInt64) async throws -> [NBDExtent]
 
+    /// The same read, completed as an event-loop future (implementations may avoid Swift concurrency).
+    func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer>
+
     /// Stops the source: pending and later requests fail with `SourceError.closed`. Idempotent.
     func close()
+}
+
+extension RemoteSource {
+    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> {
+        eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
+    }
 }
 
 /// Why a remote source request failed.

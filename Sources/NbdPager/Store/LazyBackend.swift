@@ -44,6 +44,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     let demandMisses = ManagedAtomic<UInt64>(0)
     let missLatency = LatencyHistogram()
 
+    /// Pulls up to this size are stored from the event loop; larger ones from a thread pool.
+    static let inlineStoreLimit: UInt64 = 64 * 1024
+
     public var size: UInt64 { store.size }
     var geometry: PageGeometry { store.geometry }
 
@@ -133,17 +136,23 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
 
     private func pull(_ pages: Range<UInt64>, promise: EventLoopPromise<Void>) {
         let (offset, length) = geometry.byteRange(of: pages)
-        let source = self.source
         pullsInFlight.wrappingIncrement(ordering: .relaxed)
-        promise.completeWithTask { [self] in
-            defer {
+        let eventLoop = promise.futureResult.eventLoop
+        source.read(offset: offset, length: Int(length), eventLoop: eventLoop)
+            .flatMap { [self] data -> EventLoopFuture<Void> in
+                bytesPulled.wrappingIncrement(by: length, ordering: .relaxed)
+                // Small pulls go into the store's page cache right here on the event loop (no extra
+                // thread hop on a demand miss); large ones on the blocking-I/O pool.
+                if length <= Self.inlineStoreLimit {
+                    return eventLoop.makeCompletedFuture { try self.storePulled(data, pages: pages) }
+                }
+                return NIOThreadPool.singleton.runIfActive(eventLoop: eventLoop) { try self.storePulled(data, pages: pages) }
+            }
+            .always { [self] _ in
                 lock.withLock { for p in pages where pulls[p] === promise.futureResult { pulls[p] = nil } }
                 pullsInFlight.wrappingDecrement(ordering: .relaxed)
             }
-            let data = try await source.read(offset: offset, length: Int(length))
-            bytesPulled.wrappingIncrement(by: length, ordering: .relaxed)
-            try self.storePulled(data, pages: pages)
-        }
+            .cascade(to: promise)
     }
 
     /// Writes pulled data for the pages that are still absent and not being written, then marks them
