@@ -117,15 +117,7 @@ public final class FileBackend: BlockBackend {
 
     /// Punches a hole; false when the file system cannot (the range is left as it was).
     private func punchHole(offset: UInt64, length: UInt64) throws -> Bool {
-        guard canPunchHole.load(ordering: .relaxed) else { return false }
-        do {
-            try Sys.fallocate(fd, mode: Int32(UMEMD_FALLOC_FL_PUNCH_HOLE | UMEMD_FALLOC_FL_KEEP_SIZE),
-                              offset: offset, length: length)
-            return true
-        } catch let e as SystemError where e.errno == EOPNOTSUPP || e.errno == ENOSYS || e.errno == EINVAL {
-            canPunchHole.store(false, ordering: .relaxed)
-            return false
-        }
+        try SparseFile.punchHole(fd: fd, offset: offset, length: length, supported: canPunchHole)
     }
 
     public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {

@@ -590,15 +590,7 @@ public final class PageStore: @unchecked Sendable {
         try checkRange("punch", offset: offset, length: Int(length))
         guard length > 0 else { return }
         defer { dataDirty.store(true, ordering: .releasing) }
-        if canPunchHole.load(ordering: .relaxed) {
-            do {
-                try Sys.fallocate(dataFD, mode: Int32(UMEMD_FALLOC_FL_PUNCH_HOLE | UMEMD_FALLOC_FL_KEEP_SIZE),
-                                  offset: offset, length: length)
-                return
-            } catch let e as SystemError where e.errno == EOPNOTSUPP || e.errno == ENOSYS || e.errno == EINVAL {
-                canPunchHole.store(false, ordering: .relaxed)
-            }
-        }
+        if try SparseFile.punchHole(fd: dataFD, offset: offset, length: length, supported: canPunchHole) { return }
         try writeZeroes(offset: offset, length: length)
     }
 

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Atomics
 import CNbd
 
 /// Operations on sparse files shared by the plain file export and the page store.
@@ -37,6 +38,20 @@ enum SparseFile {
             pos = stop
         }
         return extents
+    }
+
+    /// Punches a hole (deallocates, reads as zero, size kept). Returns false, and clears `supported` so
+    /// later calls do not ask again, when the file system cannot.
+    static func punchHole(fd: Int32, offset: UInt64, length: UInt64, supported: ManagedAtomic<Bool>) throws -> Bool {
+        guard supported.load(ordering: .relaxed) else { return false }
+        do {
+            try Sys.fallocate(fd, mode: Int32(UMEMD_FALLOC_FL_PUNCH_HOLE | UMEMD_FALLOC_FL_KEEP_SIZE),
+                              offset: offset, length: length)
+            return true
+        } catch let e as SystemError where e.errno == EOPNOTSUPP || e.errno == ENOSYS || e.errno == EINVAL {
+            supported.store(false, ordering: .relaxed)
+            return false
+        }
     }
 
     private static let zeroChunk = [UInt8](repeating: 0, count: 1 << 20)
