@@ -13,9 +13,9 @@ import Glibc
 /// - a page's state only moves forward (absent → present when pulled, → local when a client writes,
 ///   trims or zeroes it);
 /// - concurrent misses on one page share one source read (single flight);
-/// - a pull that completes after a client wrote a page never overwrites the client's data: pulled data
-///   is written only to pages still absent and not being written, under the same lock that writers use
-///   to announce themselves;
+/// - a pull that completes after a client wrote a page never overwrites the client's data: under the
+///   lock, a pull claims only pages still absent and not being written, and a client write waits until
+///   no pull is storing into its pages before it announces itself;
 /// - data reaches stable storage before the state that marks it present (`PageStore.commit`).
 public final class LazyBackend: BlockBackend, @unchecked Sendable {
     public let store: PageStore
@@ -34,9 +34,10 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// Page ranges whose pulled data is being written to the store right now; client writes wait for them.
     private var storing: [Range<UInt64>] = []
 
+    private var completionLogged = false
+
     private func isBeingWritten(_ page: UInt64) -> Bool { writing.contains { $0.contains(page) } }
     private func isBeingStored(_ page: UInt64) -> Bool { storing.contains { $0.contains(page) } }
-    private var completionLogged = false
 
     // Counters for status.
     let bytesPulled = ManagedAtomic<UInt64>(0)
