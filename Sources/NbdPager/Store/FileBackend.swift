@@ -32,8 +32,7 @@ public final class FileBackend: BlockBackend {
 
     /// Opens a regular file or block device.
     public static func open(path: String, readOnly: Bool) throws -> FileBackend {
-        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
-        guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
+        let fd = try Sys.open(path, flags: readOnly ? O_RDONLY : O_RDWR, operation: "open \(path)")
         do {
             var st = stat()
             guard fstat(fd, &st) == 0 else { throw SystemError("stat \(path)", errno: errno) }

@@ -69,13 +69,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         let pages = geometry.pages(covering: offset, length: length)
         guard !pages.isEmpty else { return nil }
         if forWrite {
-            var edges: [Range<UInt64>] = []
-            if !geometry.isPageAligned(offset) { edges.append(pages.lowerBound ..< pages.lowerBound + 1) }
-            let end = offset + length
-            if end < size && !geometry.isPageAligned(end) && (edges.last?.lowerBound != pages.upperBound - 1) {
-                edges.append(pages.upperBound - 1 ..< pages.upperBound)
-            }
-            let futures = edges.compactMap { ensurePresent($0, eventLoop: eventLoop) }
+            let futures = partialEdgePages(offset: offset, length: length).compactMap { ensurePresent($0, eventLoop: eventLoop) }
             return futures.isEmpty ? nil : EventLoopFuture.andAllSucceed(futures, on: eventLoop)
         }
         let started = NIODeadline.now()
@@ -86,6 +80,20 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
         }
         return pending
+    }
+
+    /// The pages a modification of `offset ..< offset + length` covers only in part (at most two): they
+    /// must hold the source's bytes before the modification is merged into them.
+    private func partialEdgePages(offset: UInt64, length: UInt64) -> [Range<UInt64>] {
+        let pages = geometry.pages(covering: offset, length: length)
+        guard !pages.isEmpty else { return [] }
+        var edges: [Range<UInt64>] = []
+        if !geometry.isPageAligned(offset) { edges.append(pages.lowerBound ..< pages.lowerBound + 1) }
+        let end = offset + length
+        if end < size && !geometry.isPageAligned(end) && edges.last?.lowerBound != pages.upperBound - 1 {
+            edges.append(pages.upperBound - 1 ..< pages.upperBound)
+        }
+        return edges
     }
 
     /// Starts pulls for the absent pages of `pages` that no pull covers yet, and returns a future for
@@ -341,10 +349,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// it runs, and they are marked local afterwards (edge pages must have been prepared first).
     private func modify(offset: UInt64, length: UInt64, _ body: () throws -> Void) throws {
         let pages = geometry.pages(covering: offset, length: length)
-        // A partial edge page must hold the source's bytes before it is merged into.
-        let end = offset + length
-        if !geometry.isPageAligned(offset) { try waitUntilReadable(pages.lowerBound ..< pages.lowerBound + 1) }
-        if end < size && !geometry.isPageAligned(end) { try waitUntilReadable(pages.upperBound - 1 ..< pages.upperBound) }
+        for edge in partialEdgePages(offset: offset, length: length) { try waitUntilReadable(edge) }
         // Announce the write, once no pull is storing data into these pages.
         for attempt in 0... {
             let registered = lock.withLock { () -> Bool in

@@ -577,7 +577,7 @@ public final class PageStore: @unchecked Sendable {
     /// Writes `buffer` to the data file at `offset` (not durable until the next `commit()`).
     public func writeData(from buffer: UnsafeRawBufferPointer, offset: UInt64) throws {
         try checkRange("write", offset: offset, length: buffer.count)
-        try Self.writeFully(dataFD, buffer, offset: offset, what: directory + "/data")
+        try Sys.pwriteAll(dataFD, buffer, offset: offset, what: directory + "/data")
         dataDirty.store(true, ordering: .releasing)
     }
 
@@ -635,18 +635,8 @@ public final class PageStore: @unchecked Sendable {
 
     // MARK: file helpers
 
-    static func writeFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: UInt64, what: String) throws {
-        var done = 0
-        while done < buffer.count {
-            let part = UnsafeRawBufferPointer(rebasing: buffer[done...])
-            guard let n = try Sys.pwrite(fd, part, offset: offset + UInt64(done), nowait: false, dsync: false) else { continue }
-            if n == 0 { throw SystemError("write \(what)", errno: ENOSPC) }
-            done += n
-        }
-    }
-
     static func writeFully(_ fd: Int32, _ bytes: [UInt8], offset: UInt64, what: String) throws {
-        try bytes.withUnsafeBytes { try writeFully(fd, $0, offset: offset, what: what) }
+        try bytes.withUnsafeBytes { try Sys.pwriteAll(fd, $0, offset: offset, what: what) }
     }
 
     /// Reads up to `buffer.count` bytes at `offset`; returns fewer only at end of file.

@@ -63,14 +63,7 @@ enum SparseFile {
         try zeroChunk.withUnsafeBytes { zeros in
             while pos < end {
                 let n = Int(min(UInt64(zeros.count), end - pos))
-                var done = 0
-                while done < n {
-                    let part = UnsafeRawBufferPointer(rebasing: zeros[done ..< n])
-                    guard let w = try Sys.pwrite(fd, part, offset: pos + UInt64(done), nowait: false, dsync: false),
-                          w > 0
-                    else { throw SystemError("pwrite zeroes", errno: ENOSPC) }
-                    done += w
-                }
+                try Sys.pwriteAll(fd, UnsafeRawBufferPointer(rebasing: zeros[0 ..< n]), offset: pos, what: "zeroes")
                 pos += UInt64(n)
             }
         }

@@ -58,6 +58,17 @@ public enum Sys {
         }
     }
 
+    /// Writes all of `buffer` at `offset` (looping over short writes); `what` names the file in errors.
+    static func pwriteAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: UInt64, what: String) throws {
+        var done = 0
+        while done < buffer.count {
+            let part = UnsafeRawBufferPointer(rebasing: buffer[done...])
+            guard let n = try pwrite(fd, part, offset: offset + UInt64(done), nowait: false, dsync: false) else { continue }
+            if n == 0 { throw SystemError("write \(what)", errno: ENOSPC) }
+            done += n
+        }
+    }
+
     static func fdatasync(_ fd: Int32) throws {
         _ = try retryingEINTR("fdatasync") { Glibc.fdatasync(fd) }
     }
