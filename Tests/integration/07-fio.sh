@@ -11,17 +11,6 @@ cd "$T" || fail "cd $T"   # fio may write verify state files into the working di
 FIO_RW=(fio --name=v --ioengine=nbd "--uri=$U" --rw=randwrite --bs=4k --size=16M --offset_increment=16M
         --iodepth=16 --numjobs=4 --verify=crc32c --verify_fatal=1 --group_reporting)
 
-# run_fio WHAT CMD...: must exit 0 with no err= in the output
-run_fio() {
-    local what=$1; shift
-    local rc=0
-    tmo 180 "$@" >"$T/fio.out" 2>&1 || rc=$?
-    if [ "$rc" -ne 0 ] || grep -qE 'err= *[1-9]|verify: bad|crc32c: verify failed' "$T/fio.out"; then
-        tail -n 40 "$T/fio.out" >&2
-        fail "$what: fio exit $rc"
-    fi
-    say "ok: $what: $(grep -E '^ +(READ|WRITE):' "$T/fio.out" | sed 's/ (.*//' | tr -s ' ' | tr '\n' ';')"
-}
 
 run_fio "randwrite 4 jobs x 16 MiB, iodepth 16, write+verify" "${FIO_RW[@]}" --do_verify=1
 run_fio "verify-only pass on new connections" "${FIO_RW[@]}" --verify_only

@@ -331,3 +331,16 @@ require_lazy() {
     "$NBD_UMEMD" serve --help 2>&1 | grep -q -- '--source' \
         || fail "$NBD_UMEMD has no 'serve --source' (lazy export) support"
 }
+
+# run_fio WHAT CMD...: the fio command must exit 0 with no error or verification failure in its
+# output (time limit FIO_TIMEOUT seconds, default 180).
+run_fio() {
+    local what=$1; shift
+    local rc=0
+    tmo "${FIO_TIMEOUT:-180}" "$@" >"$T/fio.out" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ] || grep -qE 'err= *[1-9]|verify: bad|crc32c: verify failed|md5: verify failed' "$T/fio.out"; then
+        tail -n 40 "$T/fio.out" >&2
+        fail "$what: fio exit $rc"
+    fi
+    say "ok: $what: $(grep -E '^ +(READ|WRITE):' "$T/fio.out" | sed 's/ (.*//' | tr -s ' ' | tr '\n' ';')"
+}
