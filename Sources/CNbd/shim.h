@@ -55,4 +55,28 @@ static inline int umemd_eventfd_create(void) {
     return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 }
 
+/* Direct replies (Sources/NbdPager/Server/DirectReplyWriter.swift). */
+#include <sys/socket.h>
+#include <fcntl.h>
+
+/* Bytes sent on a socket and not yet read by the peer (SIOCOUTQ), or -1. */
+static inline int umemd_socket_outq(int fd) {
+    int n = 0;
+    if (ioctl(fd, 0x5411 /* SIOCOUTQ = TIOCOUTQ */, &n) != 0) return -1;
+    return n;
+}
+
+/* One non-blocking send of two buffers, never raising SIGPIPE. */
+static inline ssize_t umemd_send2(int fd, const void *a, size_t alen, const void *b, size_t blen) {
+    struct iovec v[2] = { { (void *)a, alen }, { (void *)b, blen } };
+    struct msghdr m = { 0 };
+    m.msg_iov = v;
+    m.msg_iovlen = blen > 0 ? 2 : 1;
+    return sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+static inline int umemd_dup_cloexec(int fd) {
+    return fcntl(fd, F_DUPFD_CLOEXEC, 0);
+}
+
 #endif

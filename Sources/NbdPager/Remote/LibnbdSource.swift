@@ -214,7 +214,8 @@ public final class LibnbdSource: RemoteSource {
     /// Reads without Swift concurrency: libnbd's completion fulfils an event-loop promise directly, so
     /// a demand miss costs one thread wake-up (libnbd's event thread to the event loop) instead of
     /// going through the cooperative pool twice.
-    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> {
+    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop,
+                     onArrival: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer> {
         guard length > 0, UInt64(length) < UInt64(UInt32.max) else {
             return eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
         }
@@ -237,7 +238,9 @@ public final class LibnbdSource: RemoteSource {
         let filled = buffer
         submitRead(into: base, length: length, offset: offset) { result in
             switch result {
-            case .success: promise.succeed(filled)
+            case .success:
+                onArrival?(filled)
+                promise.succeed(filled)
             case .failure(let error): promise.fail(error)
             }
         }

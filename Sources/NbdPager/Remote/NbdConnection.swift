@@ -18,7 +18,9 @@ import Glibc
 //   nbd_aio_get_direction asks for, then nbd_aio_notify_read / _write.
 // - libnbd calls our completion, extent and free callbacks with its handle lock held (on the event
 //   thread, or on a submitting thread when submission fails, or in nbd_close). They never call back
-//   into libnbd: they only record results and resume a continuation.
+//   into libnbd: they only record results. Finished requests are handed to their callers after
+//   nbd_aio_notify_* has returned (`deliver`), so callers' completions run without the handle lock
+//   and other threads can submit meanwhile.
 //
 // Lock order: NbdConnection.lock → libnbd handle lock → PendingRequest.lock.
 
@@ -35,7 +37,8 @@ final class PendingRequest: @unchecked Sendable {
     private var extentPairs: [UInt32] = []
 
     /// `completion` runs exactly once, on the thread that finishes the last part (a libnbd event
-    /// thread with the handle lock held, or the submitter): it must only hand the result on.
+    /// thread after libnbd returned, a submitter whose submission failed, or the thread closing the
+    /// connection); it must not block for long, and must not close the connection.
     init(parts: Int, completion: @escaping Completion) {
         self.remaining = parts
         self.completion = completion
@@ -111,7 +114,8 @@ final class CommandContext: @unchecked Sendable {
         let old = state.loadThenBitwiseOr(with: Self.finishedBit, ordering: .acquiringAndReleasing)
         guard old & Self.finishedBit == 0 else { return }
         connection.inFlight.wrappingDecrement(ordering: .relaxed)
-        request.finishParts(1, error: error)
+        let request = self.request
+        connection.deliver { request.finishParts(1, error: error) }
     }
 
     /// Completion callback: libnbd reports the command's errno (0 on success).
@@ -159,6 +163,8 @@ final class NbdConnection: @unchecked Sendable {
     private let usable = ManagedAtomic<Bool>(true)
     private let closedLocally = ManagedAtomic<Bool>(false)
     private let stopRequested = ManagedAtomic<Bool>(false)
+    /// While the event thread is inside nbd_aio_notify_*, finished requests queue here (see `deliver`).
+    private let delivery = NIOLockedValueBox<(inNotify: Bool, pending: [@Sendable () -> Void])>((false, []))
 
     init(index: Int, handle: OpaquePointer, logger: Logger) throws {
         self.index = index
@@ -310,6 +316,30 @@ final class NbdConnection: @unchecked Sendable {
 
     // MARK: event loop
 
+    /// Runs `body` (a request's completion) now, or, when the event thread is inside libnbd (with the
+    /// handle lock held), right after libnbd returns.
+    func deliver(_ body: @escaping @Sendable () -> Void) {
+        let deferred = delivery.withLockedValue { state -> Bool in
+            guard state.inNotify else { return false }
+            state.pending.append(body)
+            return true
+        }
+        if !deferred { body() }
+    }
+
+    /// One nbd_aio_notify_* call, then the completions it produced.
+    private func notify(_ call: () -> Int32) -> Int32 {
+        delivery.withLockedValue { $0.inNotify = true }
+        let rc = call()
+        let pending = delivery.withLockedValue { state -> [@Sendable () -> Void] in
+            state.inNotify = false
+            defer { state.pending = [] }
+            return state.pending
+        }
+        for body in pending { body() }
+        return rc
+    }
+
     private func wake() {
         var one: UInt64 = 1
         _ = withUnsafeBytes(of: &one) { Glibc.write(wakeFD, $0.baseAddress, 8) }
@@ -365,9 +395,9 @@ final class NbdConnection: @unchecked Sendable {
             let readable = revents & Int16(POLLIN | POLLHUP | POLLERR) != 0
             var rc: Int32 = 0
             if readable && dir & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 {
-                rc = nbd_aio_notify_read(h)
+                rc = notify { nbd_aio_notify_read(h) }
             } else if revents & Int16(POLLOUT | POLLHUP | POLLERR) != 0 && dir & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 {
-                rc = nbd_aio_notify_write(h)
+                rc = notify { nbd_aio_notify_write(h) }
             }
             if rc < 0 {
                 lastError = Self.lastError()

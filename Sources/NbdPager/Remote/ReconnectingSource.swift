@@ -46,7 +46,8 @@ public final class ReconnectingSource: RemoteSource {
 
     /// Fast path without Swift concurrency while the source works; any failure falls back to the
     /// retrying path (whose timeout starts then).
-    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> {
+    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop,
+                     onArrival: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer> {
         let current = state.withLockedValue { s -> (any RemoteSource)? in
             guard !s.closed, s.outageSince == nil, let c = s.current, c.isConnected else { return nil }
             return c
@@ -54,7 +55,7 @@ public final class ReconnectingSource: RemoteSource {
         guard let current else {
             return eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
         }
-        return current.read(offset: offset, length: length, eventLoop: eventLoop).flatMapError { error in
+        return current.read(offset: offset, length: length, eventLoop: eventLoop, onArrival: onArrival).flatMapError { error in
             guard Self.isRetryable(error) else { return eventLoop.makeFailedFuture(error) }
             return eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
         }

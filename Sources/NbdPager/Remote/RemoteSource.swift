@@ -27,15 +27,24 @@ public protocol RemoteSource: AnyObject, Sendable {
     func extents(offset: UInt64, length: UInt64) async throws -> [NBDExtent]
 
     /// The same read, completed as an event-loop future (implementations may avoid Swift concurrency).
-    func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer>
+    /// `onArrival`, when given, may be called once with the data on whichever thread receives it, before
+    /// the future completes (a caller can answer a client without waiting for the event loop); it may
+    /// also never be called, e.g. when the read had to be retried.
+    func read(offset: UInt64, length: Int, eventLoop: any EventLoop,
+              onArrival: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer>
 
     /// Stops the source: pending and later requests fail with `SourceError.closed`. Idempotent.
     func close()
 }
 
 extension RemoteSource {
-    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> {
+    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop,
+                     onArrival: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer> {
         eventLoop.makeFutureWithTask { try await self.read(offset: offset, length: length) }
+    }
+
+    public func read(offset: UInt64, length: Int, eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> {
+        read(offset: offset, length: length, eventLoop: eventLoop, onArrival: nil)
     }
 }
 
