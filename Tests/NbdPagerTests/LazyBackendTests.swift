@@ -15,9 +15,30 @@ final class FakeSource: RemoteSource, @unchecked Sendable {
     private var held = false
     private var waiters: [CheckedContinuation<Void, Never>] = []
 
-    init(data: [UInt8], zeroRanges: [Range<UInt64>] = []) {
+    /// When set, event-loop reads report their data through `onArrival` (on a thread of their own,
+    /// before the future completes), as the libnbd source does.
+    let callsOnArrival: Bool
+
+    init(data: [UInt8], zeroRanges: [Range<UInt64>] = [], callsOnArrival: Bool = false) {
         self.data = data
         self.zeroRanges = zeroRanges
+        self.callsOnArrival = callsOnArrival
+    }
+
+    func read(offset: UInt64, length: Int, eventLoop: any EventLoop,
+              onArrival: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer> {
+        let promise = eventLoop.makePromise(of: ByteBuffer.self)
+        let report = callsOnArrival ? onArrival : nil
+        Task.detached {
+            do {
+                let data = try await self.read(offset: offset, length: length)
+                report?(data)
+                promise.succeed(data)
+            } catch {
+                promise.fail(error)
+            }
+        }
+        return promise.futureResult
     }
 
     var isConnected: Bool { true }
@@ -80,13 +101,16 @@ final class LazyBackendTests: XCTestCase {
         try group.syncShutdownGracefully()
     }
 
-    func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096) throws -> (LazyBackend, FakeSource) {
+    func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096,
+                     callsOnArrival: Bool = false,
+                     maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight) throws -> (LazyBackend, FakeSource) {
         var bytes = [UInt8](repeating: 0, count: pages * Self.pageSize)
         for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ i / 4096 &+ 7) }
         for z in zeroRanges { for i in z { bytes[Int(i)] = 0 } }
-        let source = FakeSource(data: bytes, zeroRanges: zeroRanges)
+        let source = FakeSource(data: bytes, zeroRanges: zeroRanges, callsOnArrival: callsOnArrival)
         let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
-        return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test")), source)
+        return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test"),
+                            maxBytesInFlight: maxBytesInFlight), source)
     }
 
     func readAll(_ backend: LazyBackend, offset: UInt64, length: Int) throws -> [UInt8] {
@@ -179,5 +203,94 @@ final class LazyBackendTests: XCTestCase {
         XCTAssertFalse(backend.status().complete)
         _ = try readAll(backend, offset: 0, length: 10)
         XCTAssertTrue(backend.status().complete, "one 16K fetch window covers the 4 pages")
+    }
+
+    // MARK: reads answered from the pull
+
+    /// Waits until the store holds `pages` (their pulls have been stored).
+    func waitPresent(_ backend: LazyBackend, _ pages: Range<UInt64>) throws {
+        for _ in 0 ..< 2000 {
+            if backend.store.count(of: .absent, in: pages) == 0 && backend.status().pullsInFlight == 0 { return }
+            usleep(1000)
+        }
+        XCTFail("pages \(pages) never became present")
+    }
+
+    func bytes(_ b: ByteBuffer) -> [UInt8] { b.getBytes(at: b.readerIndex, length: b.readableBytes) ?? [] }
+
+    func testPendingReadAnswersFromThePullThenStoresIt() throws {
+        let (backend, source) = try makeBackend(pages: 16)
+        let pending = backend.pendingRead(offset: 3 * 4096 + 100, length: 5000, eventLoop: group.next(), early: nil)
+        XCTAssertNotNil(pending)
+        XCTAssertEqual(bytes(try XCTUnwrap(pending).wait()), Array(source.data[3 * 4096 + 100 ..< 3 * 4096 + 5100]))
+        try waitPresent(backend, 3 ..< 5)
+        XCTAssertEqual(backend.store.state(of: 3), .present)
+        XCTAssertEqual(backend.store.state(of: 4), .present)
+        XCTAssertNil(backend.pendingRead(offset: 3 * 4096, length: 4096, eventLoop: group.next(), early: nil),
+                     "present pages are read from the store")
+        XCTAssertEqual(try readAll(backend, offset: 3 * 4096, length: 8192), Array(source.data[3 * 4096 ..< 5 * 4096]))
+        XCTAssertEqual(source.readLog.count, 1)
+        XCTAssertEqual(backend.status().demandMisses, 1)
+    }
+
+    func testConsecutiveFetchWindowsAreCoalescedIntoOneSourceRead() throws {
+        let (backend, source) = try makeBackend(pages: 64, fetchSize: 16384)
+        // Pages 1 ..< 9 lie in the 16K windows 0 ..< 4, 4 ..< 8 and 8 ..< 12: one read of 0 ..< 12.
+        let pending = try XCTUnwrap(backend.pendingRead(offset: 4096, length: 8 * 4096, eventLoop: group.next(), early: nil))
+        XCTAssertEqual(bytes(try pending.wait()), Array(source.data[4096 ..< 9 * 4096]))
+        try waitPresent(backend, 0 ..< 12)
+        XCTAssertEqual(source.readLog.map { "\($0.0)+\($0.1)" }, ["0+49152"])
+        XCTAssertEqual(backend.store.state(of: 12), .absent)
+    }
+
+    func testPendingReadJoinsPullsInFlightAndAssemblesTheData() throws {
+        let (backend, source) = try makeBackend(pages: 16)
+        source.hold()
+        let middle = try XCTUnwrap(backend.prepare(offset: 2 * 4096, length: 8192, forWrite: false, eventLoop: group.next()))
+        let pending = try XCTUnwrap(backend.pendingRead(offset: 4096 + 7, length: 4 * 4096, eventLoop: group.next(), early: nil))
+        source.release()
+        XCTAssertEqual(bytes(try pending.wait()), Array(source.data[4096 + 7 ..< 5 * 4096 + 7]))
+        try middle.wait()
+        try waitPresent(backend, 1 ..< 6)
+        let reads: [String] = source.readLog.sorted { $0.0 < $1.0 }.map { "\($0.0)+\($0.1)" }
+        XCTAssertEqual(reads, ["4096+4096", "8192+8192", "16384+8192"],
+                       "pages 2-3 come from the pull already in flight, not a second read")
+    }
+
+    func testPendingReadIsNilWhenAPageIsAlreadyHere() throws {
+        let (backend, _) = try makeBackend(pages: 8)
+        _ = try readAll(backend, offset: 4096, length: 4096)
+        XCTAssertNil(backend.pendingRead(offset: 0, length: 8192, eventLoop: group.next(), early: nil))
+        XCTAssertNil(backend.pendingRead(offset: 0, length: 0, eventLoop: group.next(), early: nil))
+    }
+
+    func testEarlyHookGetsTheDataAndTheSmallPullIsStoredOnArrival() throws {
+        let (backend, source) = try makeBackend(pages: 8, callsOnArrival: true)
+        let early = NIOLockedValueBox<[UInt8]?>(nil)
+        let pending = try XCTUnwrap(backend.pendingRead(offset: 2 * 4096 + 1, length: 100, eventLoop: group.next()) { data in
+            early.withLockedValue { $0 = data.getBytes(at: data.readerIndex, length: data.readableBytes) }
+        })
+        let expected = Array(source.data[2 * 4096 + 1 ..< 2 * 4096 + 101])
+        XCTAssertEqual(bytes(try pending.wait()), expected)
+        XCTAssertEqual(early.withLockedValue { $0 }, expected, "the hook ran before the future completed")
+        try waitPresent(backend, 2 ..< 3)
+        XCTAssertEqual(try readAll(backend, offset: 2 * 4096, length: 4096), Array(source.data[2 * 4096 ..< 3 * 4096]))
+        XCTAssertEqual(backend.status().bytesPulled, 4096, "stored once, on arrival")
+    }
+
+    func testPullsInFlightAreBoundedAndQueuedOnesStartLater() throws {
+        let (backend, source) = try makeBackend(pages: 16, maxBytesInFlight: 2 * 4096)
+        source.hold()
+        let waits = stride(from: 0, to: 16, by: 2).compactMap {
+            backend.prepare(offset: UInt64($0) * 4096, length: 4096, forWrite: false, eventLoop: group.next())
+        }
+        XCTAssertEqual(waits.count, 8)
+        for _ in 0 ..< 200 where source.readLog.count < 2 { usleep(1000) }
+        usleep(20_000)
+        XCTAssertEqual(source.readLog.count, 2, "only two 4K pulls fit the 8K budget")
+        source.release()
+        for w in waits { try w.wait() }
+        XCTAssertEqual(source.readLog.count, 8)
+        for p in stride(from: 0, to: 16, by: 2) { XCTAssertEqual(backend.store.state(of: UInt64(p)), .present) }
     }
 }

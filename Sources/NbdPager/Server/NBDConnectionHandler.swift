@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOCore
 import NIOPosix
@@ -8,6 +9,10 @@ import NIOPosix
 /// page-cache hit via RWF_NOWAIT); everything else goes to the export's thread pool and replies out of order.
 /// Reading from the socket pauses while too many requests are in flight or the client is not reading
 /// replies, so memory stays bounded whatever the client sends.
+///
+/// Reads of a lazy export's absent pages are answered from the pulled data as soon as it arrives; a
+/// small one on a quiet connection is written by the thread that received the data
+/// (`DirectReplyWriter`), saving the event loop's wake-up on a page fault.
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -39,6 +44,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var parsingBlocked = false
     private var needsFlush = false
     private var handshakeTimer: Scheduled<Void>?
+    /// Writes read replies from the thread that receives a demand miss's data (created on the first miss).
+    private var direct: DirectReplyWriter?
+    private var directTried = false
 
     /// Busy-poll window (see `NBDServer.pollWindow`); zero disables polling.
     private let pollWindow: TimeAmount
@@ -82,6 +90,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         closing = true
         cumulation = nil
         tracker.remove(context.channel)
+        direct?.close()
         logger.debug("connection closed")
         context.fireChannelInactive()
     }
@@ -261,6 +270,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         // A lazy export first makes the range local (pulling absent pages); plain exports are ready.
+        if request.command == .read, let data = pendingRead(request, export: export, context: context) {
+            inFlight += 1
+            data.future.assumeIsolated().whenComplete { result in
+                self.inFlight -= 1
+                switch result {
+                case .success(let bytes):
+                    // Already written from the source's thread when `sent` is set.
+                    if !data.sent.load(ordering: .sequentiallyConsistent) {
+                        self.sendReadReply(request, data: bytes, context)
+                    }
+                case .failure(let error):
+                    self.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)", context)
+                }
+                self.flushIfNeeded(context)
+                self.afterCompletion(context)
+            }
+            return
+        }
         let ready: EventLoopFuture<Void>?
         switch request.command {
         case .read, .cache:
@@ -362,18 +389,59 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// A read of absent pages of a lazy export: its data future, and whether the reply has already been
+    /// written directly by the thread that received the data (small replies on a quiet connection).
+    private func pendingRead(_ request: NBDRequest, export: Export,
+                             context: ChannelHandlerContext) -> (future: EventLoopFuture<ByteBuffer>, sent: ManagedAtomic<Bool>)? {
+        if !directTried {
+            directTried = true
+            direct = DirectReplyWriter(context: context)
+        }
+        let sent = ManagedAtomic<Bool>(false)
+        var early: (@Sendable (ByteBuffer) -> Void)? = nil
+        if let direct, !closing, Int(request.length) + 32 <= DirectReplyWriter.maxDirectReply {
+            let structured = self.structured
+            early = { data in
+                let header = Self.readReplyHeader(request, dataLength: data.readableBytes, structured: structured)
+                if direct.tryWrite(header: header, data: data) { sent.store(true, ordering: .sequentiallyConsistent) }
+            }
+        }
+        guard let future = export.backend.pendingRead(offset: request.offset, length: UInt64(request.length),
+                                                      eventLoop: context.eventLoop, early: early) else { return nil }
+        return (future, sent)
+    }
+
+    private static func readReplyHeader(_ request: NBDRequest, dataLength: Int, structured: Bool) -> ByteBuffer {
+        var header = ByteBuffer()
+        header.reserveCapacity(32)
+        writeReadReplyHeader(into: &header, request, dataLength: dataLength, structured: structured)
+        return header
+    }
+
+    /// The part of a successful read reply before its data (simple reply, or one OFFSET_DATA chunk).
+    private static func writeReadReplyHeader(into b: inout ByteBuffer, _ request: NBDRequest, dataLength: Int,
+                                             structured: Bool) {
+        if structured {
+            b.writeStructuredReplyHeader(flags: .done, type: .offsetData, cookie: request.cookie,
+                                         length: UInt32(8 + dataLength))
+            b.writeInteger(request.offset)
+        } else {
+            b.writeSimpleReply(error: .ok, cookie: request.cookie)
+        }
+    }
+
+    /// A read reply whose data is already in a buffer: the header, then the data as it is (no copy).
+    private func sendReadReply(_ request: NBDRequest, data: ByteBuffer, _ context: ChannelHandlerContext) {
+        send(Self.readReplyHeader(request, dataLength: data.readableBytes, structured: structured), context)
+        send(data, context)
+    }
+
     private func runRead(_ request: NBDRequest, export: Export, context: ChannelHandlerContext) {
         let length = Int(request.length)
         let structured = self.structured
         let backend = export.backend
         @Sendable func header(_ b: inout ByteBuffer) {
-            if structured {
-                b.writeStructuredReplyHeader(flags: .done, type: .offsetData, cookie: request.cookie,
-                                             length: UInt32(8 + length))
-                b.writeInteger(request.offset)
-            } else {
-                b.writeSimpleReply(error: .ok, cookie: request.cookie)
-            }
+            Self.writeReadReplyHeader(into: &b, request, dataLength: length, structured: structured)
         }
         var reply = context.channel.allocator.buffer(capacity: 28 + length)
         header(&reply)
@@ -436,7 +504,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: replies
 
     private func send(_ bytes: ByteBuffer, _ context: ChannelHandlerContext) {
-        context.write(wrapOutboundOut(bytes), promise: nil)
+        if let direct {
+            // Count the write until NIO has completed it: no direct write may happen meanwhile.
+            direct.willWrite()
+            let written = context.eventLoop.makePromise(of: Void.self)
+            written.futureResult.whenComplete { _ in direct.didWrite() }
+            context.write(wrapOutboundOut(bytes), promise: written)
+        } else {
+            context.write(wrapOutboundOut(bytes), promise: nil)
+        }
         needsFlush = true
     }
 
@@ -454,7 +530,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func flushIfNeeded(_ context: ChannelHandlerContext) {
         if needsFlush {
             needsFlush = false
-            context.flush()
+            if let direct {
+                direct.flush { context.flush() }
+            } else {
+                context.flush()
+            }
         }
     }
 

@@ -29,10 +29,21 @@ public protocol BlockBackend: AnyObject, Sendable {
     /// storage (a lazy export pulls absent pages from its source; for a write, only partial edge pages).
     /// Nil when the range is ready now.
     func prepare(offset: UInt64, length: UInt64, forWrite: Bool, eventLoop: any EventLoop) -> EventLoopFuture<Void>?
+    /// For a read that has to wait for remote data (a lazy export's absent pages): a future of exactly
+    /// `length` bytes, answered from that data as soon as it arrives. Nil when the read goes through
+    /// `prepare` and `read`. `early`, when given, may be called once with the same data on the thread that
+    /// receives it, before the future completes; it may also never be called.
+    func pendingRead(offset: UInt64, length: UInt64, eventLoop: any EventLoop,
+                     early: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer>?
 }
 
 extension BlockBackend {
     public func prepare(offset: UInt64, length: UInt64, forWrite: Bool, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
+        nil
+    }
+
+    public func pendingRead(offset: UInt64, length: UInt64, eventLoop: any EventLoop,
+                            early: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer>? {
         nil
     }
 }

@@ -1,4 +1,5 @@
 import Atomics
+import Dispatch
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -24,10 +25,16 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     public let capabilities: BackendCapabilities
     private let logger: Logger
 
-    /// Guards `pulls`, `writing` and `storing`.
+    /// Guards `pulls`, `queued`, `bytesInFlight`, `writing` and `storing`.
     private let lock = NIOLock()
     /// Page → the pull that will make it present.
-    private var pulls: [UInt64: EventLoopFuture<Void>] = [:]
+    private var pulls: [UInt64: Pull] = [:]
+    /// Pulls waiting for room under `maxBytesInFlight`, oldest first.
+    private var queued = CircularBuffer<Pull>()
+    /// Bytes of the pulls started and not yet stored.
+    private var bytesInFlight: UInt64 = 0
+    /// The longest single source read a pull makes (consecutive fetch windows are coalesced up to this).
+    private let maxPullPages: UInt64
     /// Page ranges clients are writing right now (one entry per writer), which pulls must not touch.
     /// Ranges, not pages, so that a multi-GiB TRIM costs one entry.
     private var writing: [Range<UInt64>] = []
@@ -47,14 +54,65 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
 
     /// Pulls up to this size are stored from the event loop; larger ones from a thread pool.
     static let inlineStoreLimit: UInt64 = 64 * 1024
+    /// Default bound on the data of started pulls not yet in the store (memory stays bounded).
+    public static let defaultMaxBytesInFlight: UInt64 = 64 << 20
+    private let maxBytesInFlight: UInt64
+    /// Stores large pulls: one thread, since buffered writes to one file serialize on its inode lock
+    /// anyway (several writers only spin on it).
+    private let storeWriter = NIOThreadPool(numberOfThreads: 1)
+    /// Bound on one coalesced source read.
+    static let maxPullLength: UInt64 = 4 << 20
+
+    /// One source read of a run of pages: its data as soon as the source answers, and its completion
+    /// once the data is in the store (or the pull failed).
+    final class Pull: Sendable {
+        let pages: Range<UInt64>
+        let bytes: UInt64
+        let data: EventLoopPromise<ByteBuffer>
+        let stored: EventLoopPromise<Void>
+
+        /// Callbacks to run on the receiving thread the moment the data arrives (see `pendingRead`).
+        private let arrival = NIOLockedValueBox<(arrived: Bool, hooks: [@Sendable (ByteBuffer) -> Void])>((false, []))
+
+        init(pages: Range<UInt64>, bytes: UInt64, eventLoop: any EventLoop) {
+            self.pages = pages
+            self.bytes = bytes
+            self.data = eventLoop.makePromise(of: ByteBuffer.self)
+            self.stored = eventLoop.makePromise(of: Void.self)
+        }
+
+        /// Adds a hook; false when the data has already arrived (the hook will not run).
+        func onArrival(_ hook: @escaping @Sendable (ByteBuffer) -> Void) -> Bool {
+            arrival.withLockedValue { state in
+                if state.arrived { return false }
+                state.hooks.append(hook)
+                return true
+            }
+        }
+
+        var hasArrived: Bool { arrival.withLockedValue { $0.arrived } }
+
+        func arrived(_ data: ByteBuffer) {
+            let hooks = arrival.withLockedValue { state -> [@Sendable (ByteBuffer) -> Void] in
+                state.arrived = true
+                defer { state.hooks = [] }
+                return state.hooks
+            }
+            for hook in hooks { hook(data) }
+        }
+    }
 
     public var size: UInt64 { store.size }
     var geometry: PageGeometry { store.geometry }
 
-    public init(store: PageStore, source: any RemoteSource, fetchSize: UInt64, logger: Logger) {
+    public init(store: PageStore, source: any RemoteSource, fetchSize: UInt64, logger: Logger,
+                maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight) {
+        self.maxBytesInFlight = maxBytesInFlight
         self.store = store
         self.source = source
         self.fetchSize = max(fetchSize, store.pageSize)
+        self.maxPullPages = max(Self.maxPullLength, self.fetchSize) / store.pageSize
+        storeWriter.start()
         self.logger = logger
         self.capabilities = BackendCapabilities(
             writable: true, canTrim: true, canZero: true, canFastZero: true, canCache: true,
@@ -99,41 +157,55 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// Starts pulls for the absent pages of `pages` that no pull covers yet, and returns a future for
     /// all the pulls the range waits on (nil when every page is already present or local).
     func ensurePresent(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
+        let waits = claim(pages, eventLoop: eventLoop)
+        if waits.isEmpty { return nil }
+        // A pull started by a connection on another event loop completes there: hop to the caller's.
+        let local = waits.map { $0.stored.futureResult.hop(to: eventLoop) }
+        return local.count == 1 ? local[0] : EventLoopFuture.andAllSucceed(local, on: eventLoop)
+    }
+
+    /// The pulls covering the absent pages of `pages`, starting new ones (fetch-size aligned, consecutive
+    /// windows coalesced into one source read) for absent pages no pull covers yet.
+    private func claim(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> [Pull] {
         let absent = store.runs(of: .absent, in: pages)
-        guard !absent.isEmpty else { return nil }
-        var waits: [EventLoopFuture<Void>] = []
-        var starts: [(Range<UInt64>, EventLoopPromise<Void>)] = []
+        guard !absent.isEmpty else { return [] }
+        var waits: [Pull] = []
+        var launch: [Pull] = []
         lock.withLock {
             var seen = Set<ObjectIdentifier>()
             for run in absent {
+                // New pulls reach to the end of the fetch window holding the run's last page.
+                let reach = fetchWindow(around: run.upperBound - 1).upperBound
                 var page = run.lowerBound
                 while page < run.upperBound {
-                    if let f = pulls[page] {
-                        if seen.insert(ObjectIdentifier(f)).inserted { waits.append(f) }
+                    if let p = pulls[page] {
+                        if seen.insert(ObjectIdentifier(p)).inserted { waits.append(p) }
                         page += 1
                         continue
                     }
-                    // A new pull: this page's fetch window, over pages still absent and not claimed.
-                    let window = fetchWindow(around: page)
                     var lo = page
+                    let window = fetchWindow(around: page)
                     while lo > window.lowerBound, pulls[lo - 1] == nil, store.state(of: lo - 1) == .absent { lo -= 1 }
                     var hi = page + 1
-                    while hi < window.upperBound, pulls[hi] == nil, store.state(of: hi) == .absent { hi += 1 }
-                    let promise = eventLoop.makePromise(of: Void.self)
-                    for p in lo ..< hi { pulls[p] = promise.futureResult }
-                    starts.append((lo ..< hi, promise))
-                    waits.append(promise.futureResult)
+                    while hi < reach, hi - lo < maxPullPages, pulls[hi] == nil, store.state(of: hi) == .absent { hi += 1 }
+                    let pull = Pull(pages: lo ..< hi, bytes: geometry.byteRange(of: lo ..< hi).length, eventLoop: eventLoop)
+                    for p in lo ..< hi { pulls[p] = pull }
+                    seen.insert(ObjectIdentifier(pull))
+                    waits.append(pull)
+                    // At most `maxBytesInFlight` of pulls are in flight (or waiting for the store) at once;
+                    // the rest wait their turn, so a huge CACHE cannot buffer the whole export.
+                    if bytesInFlight == 0 || bytesInFlight + pull.bytes <= maxBytesInFlight {
+                        bytesInFlight += pull.bytes
+                        launch.append(pull)
+                    } else {
+                        queued.append(pull)
+                    }
                     page = hi
                 }
             }
         }
-        for (range, promise) in starts {
-            pull(range, promise: promise)
-        }
-        if waits.isEmpty { return nil }
-        // A pull started by a connection on another event loop completes there: hop to the caller's.
-        let local = waits.map { $0.hop(to: eventLoop) }
-        return local.count == 1 ? local[0] : EventLoopFuture.andAllSucceed(local, on: eventLoop)
+        for pull in launch { start(pull) }
+        return waits
     }
 
     /// The fetch-size-aligned window of pages around `page`.
@@ -143,25 +215,111 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         return lo ..< min(lo + pagesPerFetch, store.pageCount)
     }
 
-    private func pull(_ pages: Range<UInt64>, promise: EventLoopPromise<Void>) {
-        let (offset, length) = geometry.byteRange(of: pages)
+    /// Sends the pull's source read. Its data first goes to whoever waits for it (a read is answered from
+    /// it directly), then into the store; the pull is finished once the store has it. Small pulls are
+    /// stored by the thread that receives them (right after any direct reply), large ones on the
+    /// blocking-I/O pool; data that arrives on the event loop only (retried reads) is stored from there.
+    private func start(_ pull: Pull) {
+        let (offset, length) = geometry.byteRange(of: pull.pages)
+        let eventLoop = pull.stored.futureResult.eventLoop
         pullsInFlight.wrappingIncrement(ordering: .relaxed)
-        let eventLoop = promise.futureResult.eventLoop
-        source.read(offset: offset, length: Int(length), eventLoop: eventLoop)
-            .flatMap { [self] data -> EventLoopFuture<Void> in
+        let small = length <= Self.inlineStoreLimit
+        source.read(offset: offset, length: Int(length), eventLoop: eventLoop, onArrival: { [self] data in
+            pull.arrived(data)
+            if small {
                 bytesPulled.wrappingIncrement(by: length, ordering: .relaxed)
-                // Small pulls go into the store's page cache right here on the event loop (no extra
-                // thread hop on a demand miss); large ones on the blocking-I/O pool.
-                if length <= Self.inlineStoreLimit {
-                    return eventLoop.makeCompletedFuture { try self.storePulled(data, pages: pages) }
+                pull.stored.completeWith(Result { try storePulled(data, pages: pull.pages) })
+            }
+        }).cascade(to: pull.data)
+        pull.data.futureResult.whenComplete { [self] result in
+            switch result {
+            case .success(let data):
+                guard !pull.hasArrived || !small else { return }  // already stored on arrival
+                bytesPulled.wrappingIncrement(by: length, ordering: .relaxed)
+                // Stored after the callbacks that answer reads from `data` have run.
+                if small {
+                    eventLoop.execute { pull.stored.completeWith(Result { try self.storePulled(data, pages: pull.pages) }) }
+                } else {
+                    storeWriter.runIfActive(eventLoop: eventLoop) { try self.storePulled(data, pages: pull.pages) }
+                        .cascade(to: pull.stored)
                 }
-                return NIOThreadPool.singleton.runIfActive(eventLoop: eventLoop) { try self.storePulled(data, pages: pages) }
+            case .failure(let error):
+                pull.stored.fail(error)
             }
-            .always { [self] _ in
-                lock.withLock { for p in pages where pulls[p] === promise.futureResult { pulls[p] = nil } }
-                pullsInFlight.wrappingDecrement(ordering: .relaxed)
+        }
+        pull.stored.futureResult.whenComplete { [self] _ in
+            let next: [Pull] = lock.withLock {
+                for p in pull.pages where pulls[p] === pull { pulls[p] = nil }
+                bytesInFlight -= pull.bytes
+                var next: [Pull] = []
+                while let first = queued.first, bytesInFlight == 0 || bytesInFlight + first.bytes <= maxBytesInFlight {
+                    queued.removeFirst()
+                    bytesInFlight += first.bytes
+                    next.append(first)
+                }
+                return next
             }
-            .cascade(to: promise)
+            pullsInFlight.wrappingDecrement(ordering: .relaxed)
+            for p in next { start(p) }
+        }
+    }
+
+    /// For a read whose pages are all absent: its data straight from the pulls that fetch them, before
+    /// they are stored (no store write or read on the way to the client). Nil when some page is already
+    /// present or local (the read then goes through `prepare` and the store).
+    /// `early`, when given, may be called with the read's data on the thread that receives it from the
+    /// source, before the returned future completes (so the reply can go out without waiting for the event
+    /// loop); it is only ever called for reads served by a single pull.
+    public func pendingRead(offset: UInt64, length: UInt64, eventLoop: any EventLoop,
+                            early: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer>? {
+        let pages = geometry.pages(covering: offset, length: length)
+        guard !pages.isEmpty, store.count(of: .absent, in: pages) == UInt64(pages.count) else { return nil }
+        let covering = claim(pages, eventLoop: eventLoop).sorted { $0.pages.lowerBound < $1.pages.lowerBound }
+        // A page may have been stored between the check and the claim: then take the store path.
+        var next = pages.lowerBound
+        for p in covering where p.pages.lowerBound <= next { next = max(next, p.pages.upperBound) }
+        guard next >= pages.upperBound else { return nil }
+        demandMisses.wrappingIncrement(ordering: .relaxed)
+        let started = NIODeadline.now()
+        let histogram = missLatency
+        let geometry = self.geometry
+        let result: EventLoopFuture<ByteBuffer>
+        if covering.count == 1, let pull = covering.first {
+            let skip = Int(offset - geometry.byteOffset(ofPage: pull.pages.lowerBound))
+            if let early {
+                _ = pull.onArrival { data in
+                    if let slice = data.getSlice(at: data.readerIndex + skip, length: Int(length)) { early(slice) }
+                }
+            }
+            result = pull.data.futureResult.hop(to: eventLoop).flatMapThrowing { data in
+                guard let slice = data.getSlice(at: data.readerIndex + skip, length: Int(length)) else {
+                    throw BackendError.system(SystemError("short pull at \(offset)", errno: EIO))
+                }
+                return slice
+            }
+        } else {
+            result = EventLoopFuture.whenAllSucceed(covering.map { $0.data.futureResult }, on: eventLoop)
+                .flatMapThrowing { parts in
+                    var out = ByteBufferAllocator().buffer(capacity: Int(length))
+                    let end = offset + length
+                    for (pull, data) in zip(covering, parts) {
+                        let pullStart = geometry.byteOffset(ofPage: pull.pages.lowerBound)
+                        let from = max(offset, pullStart)
+                        let to = min(end, pullStart + UInt64(data.readableBytes))
+                        guard from < to else { continue }
+                        guard from == offset + UInt64(out.readableBytes),
+                              let slice = data.getSlice(at: data.readerIndex + Int(from - pullStart), length: Int(to - from))
+                        else { throw BackendError.system(SystemError("short pull at \(from)", errno: EIO)) }
+                        out.writeImmutableBuffer(slice)
+                    }
+                    guard out.readableBytes == Int(length) else {
+                        throw BackendError.system(SystemError("short pull at \(offset)", errno: EIO))
+                    }
+                    return out
+                }
+        }
+        result.whenSuccess { _ in histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds)) }
+        return result
     }
 
     /// Writes pulled data for the pages that are still absent and not being written, then marks them
@@ -237,7 +395,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         }
         if first {
             logger.info("every page is local; the source is no longer needed")
-            source.close()
+            // Not from this thread: it may be one of the source's own (a pull stored on arrival).
+            let source = self.source
+            DispatchQueue.global().async { source.close() }
         }
     }
 
@@ -437,6 +597,8 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
 
     public func close() throws {
         source.close()
+        // Waits for a store write in progress, so none runs after the store is closed.
+        try? storeWriter.syncShutdownGracefully()
         try store.close()
     }
 }

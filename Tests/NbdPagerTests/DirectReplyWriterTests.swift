@@ -1,0 +1,74 @@
+import NIOCore
+import XCTest
+@testable import NbdPager
+#if canImport(Glibc)
+import Glibc
+#endif
+
+final class DirectReplyWriterTests: XCTestCase {
+    var fds: [Int32] = [-1, -1]
+
+    override func setUpWithError() throws {
+        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds), 0)
+        // NIO's sockets are non-blocking; the writer relies on MSG_DONTWAIT anyway.
+        _ = fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK)
+    }
+
+    override func tearDown() {
+        for fd in fds where fd >= 0 { close(fd) }
+    }
+
+    func buffer(_ bytes: [UInt8]) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeBytes(bytes)
+        return b
+    }
+
+    /// Everything the peer can read right now.
+    func drain() -> [UInt8] {
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { recv(fds[1], $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n <= 0 { return out }
+            out += chunk[0 ..< n]
+        }
+    }
+
+    func testWritesHeaderAndDataInOrder() throws {
+        let writer = try XCTUnwrap(DirectReplyWriter(socket: fds[0]))
+        let data = (0 ..< 4096).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        XCTAssertTrue(writer.tryWrite(header: buffer([1, 2, 3]), data: buffer(data)))
+        XCTAssertEqual(drain(), [1, 2, 3] + data)
+        writer.close()
+    }
+
+    func testRefusesWhileNIOHasWritesQueued() throws {
+        let writer = try XCTUnwrap(DirectReplyWriter(socket: fds[0]))
+        writer.willWrite()
+        XCTAssertFalse(writer.tryWrite(header: buffer([1]), data: buffer([2])))
+        writer.didWrite()
+        XCTAssertTrue(writer.tryWrite(header: buffer([1]), data: buffer([2])))
+        XCTAssertEqual(drain(), [1, 2])
+        writer.close()
+    }
+
+    func testRefusesWhileThePeerHasUnreadBytes() throws {
+        let writer = try XCTUnwrap(DirectReplyWriter(socket: fds[0]))
+        XCTAssertTrue(writer.tryWrite(header: buffer([9]), data: buffer([8])))
+        XCTAssertFalse(writer.tryWrite(header: buffer([7]), data: buffer([6])), "the first reply is not read yet")
+        XCTAssertEqual(drain(), [9, 8])
+        XCTAssertTrue(writer.tryWrite(header: buffer([7]), data: buffer([6])))
+        XCTAssertEqual(drain(), [7, 6])
+        writer.close()
+    }
+
+    func testRefusesLargeRepliesAndAfterClose() throws {
+        let writer = try XCTUnwrap(DirectReplyWriter(socket: fds[0]))
+        let big = [UInt8](repeating: 1, count: DirectReplyWriter.maxDirectReply)
+        XCTAssertFalse(writer.tryWrite(header: buffer([0]), data: buffer(big)))
+        writer.close()
+        XCTAssertFalse(writer.tryWrite(header: buffer([0]), data: buffer([1])))
+        XCTAssertEqual(drain(), [])
+    }
+}
