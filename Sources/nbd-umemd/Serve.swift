@@ -51,6 +51,25 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("While the source is unreachable or failing, keep client requests waiting and retry (reconnecting with backoff) for this many seconds before answering EIO.", valueName: "seconds"))
     var sourceTimeout: Int = 60
 
+    @Option(name: .long, help: ArgumentHelp("Background pull of the lazy export's absent pages: off, sequential (sweep from the start) or adaptive (sweep, plus a window around each miss that grows while misses are sequential; the sweep moves to the latest miss).", valueName: "mode"))
+    var prefetch: String = Prefetcher.Mode.adaptive.rawValue
+
+    @Option(name: .long, help: ArgumentHelp("Cap background pull traffic at this many bytes per second (e.g. 50M); demand misses are never limited.", valueName: "rate"),
+            transform: { try SizeParser.parse($0) })
+    var maxRate: UInt64?
+
+    @Option(name: .long, help: ArgumentHelp("Source connections used only by background pulls.", valueName: "n"))
+    var prefetchConnections: Int = 1
+
+    @Option(name: .long, help: ArgumentHelp("Pull these byte ranges first (lines \"OFFSET LENGTH\", e.g. written by --record-faults).", valueName: "file"))
+    var hotList: String?
+
+    @Option(name: .long, help: ArgumentHelp("Append every demand miss to this file as \"OFFSET LENGTH\" lines (a --hot-list for the next run).", valueName: "file"))
+    var recordFaults: String?
+
+    @Flag(name: .long, help: "Show a background-pull progress line (percent, rate, ETA) on stderr; the default when stderr is a terminal.")
+    var progress = false
+
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
 
@@ -97,6 +116,14 @@ struct Serve: ParsableCommand {
         if source == nil && (store != nil || resetStore) {
             throw ValidationError("--store and --reset-store only apply to --source")
         }
+        if Prefetcher.Mode(rawValue: prefetch) == nil {
+            throw ValidationError("--prefetch must be off, sequential or adaptive, got '\(prefetch)'")
+        }
+        if source == nil && (maxRate != nil || hotList != nil || recordFaults != nil || progress) {
+            throw ValidationError("--max-rate, --hot-list, --record-faults and --progress only apply to --source")
+        }
+        if maxRate == 0 { throw ValidationError("--max-rate must be greater than zero") }
+        if !(1...16).contains(prefetchConnections) { throw ValidationError("--prefetch-connections must be between 1 and 16") }
         if fetchSize < 4096 || fetchSize > 32 << 20 || fetchSize & (fetchSize - 1) != 0 {
             throw ValidationError("--fetch-size must be a power of two from 4K to 32M")
         }
@@ -174,13 +201,25 @@ struct Serve: ParsableCommand {
         let server = NBDServer(exports: [export], listeners: listeners, group: group, logger: logger,
                                pollWindow: .microseconds(Int64(pollUs)))
 
+        // Before listening, so that a bad --hot-list is refused before any client is served.
+        var prefetcher: Prefetcher? = nil
+        if let lazy = backend as? LazyBackend {
+            do {
+                prefetcher = try makePrefetcher(lazy, eventLoop: group.next(), logger: logger)
+            } catch {
+                try? backend.close()
+                throw RuntimeFailure("\(error)")
+            }
+        }
         do {
             try server.start()
         } catch {
             try? backend.close()
             throw RuntimeFailure("cannot listen: \(error)")
         }
-        let control = try startControl(server: server, export: export, group: group, logger: logger)
+        let control = try startControl(server: server, export: export, prefetcher: prefetcher, group: group, logger: logger)
+        prefetcher?.start()
+        let progressLine = prefetcher.flatMap { startProgressLine($0, lazy: backend as? LazyBackend) }
         let info = export.info
         logger.info("serving '\(info.name)' (\(info.size) bytes\(info.readOnly ? ", read-only" : ""))")
         if let pidfile {
@@ -203,6 +242,8 @@ struct Serve: ParsableCommand {
             committer = timer
         }
         stop.wait()
+        progressLine?.cancel()
+        prefetcher?.stop()
         committer?.cancel()
         logger.info("signal received, shutting down")
         control?.stop()
@@ -225,7 +266,21 @@ struct Serve: ParsableCommand {
             remote.close()
             throw error
         }
-        let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger)
+        var background: ReconnectingSource? = nil
+        if Prefetcher.Mode(rawValue: prefetch) != .off && pages.snapshot().absent > 0 {
+            let n = prefetchConnections
+            do {
+                background = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), logger: logger) {
+                    try LibnbdSource.connect(uri: uri, connections: n, logger: logger)
+                }
+            } catch {
+                remote.close()
+                try? pages.close()
+                throw error
+            }
+        }
+        let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger,
+                               backgroundSource: background)
         let snap = pages.snapshot()
         logger.info("store \(directory): \(snap.present) present, \(snap.local) local, \(snap.absent) absent pages")
         do {
@@ -236,14 +291,62 @@ struct Serve: ParsableCommand {
         return lazy
     }
 
-    private func startControl(server: NBDServer, export: Export, group: any EventLoopGroup,
+    /// The lazy export's background puller, configured from the options (not started yet).
+    private func makePrefetcher(_ lazy: LazyBackend, eventLoop: any EventLoop, logger: Logger) throws -> Prefetcher {
+        var config = Prefetcher.Configuration()
+        config.mode = Prefetcher.Mode(rawValue: prefetch) ?? .adaptive
+        config.maxRate = maxRate
+        config.recordFaults = recordFaults
+        if let hotList {
+            config.hotList = try FaultList.read(path: hotList, size: lazy.size)
+            logger.info("hot list \(hotList): \(config.hotList.count) ranges to pull first")
+        }
+        return Prefetcher(backend: lazy, config: config, eventLoop: eventLoop, logger: logger)
+    }
+
+    /// With --progress or a terminal on stderr: a progress line, rewritten every second until complete.
+    private func startProgressLine(_ prefetcher: Prefetcher, lazy: LazyBackend?) -> (any DispatchSourceTimer)? {
+        guard progress || isatty(2) != 0, prefetcher.status().mode != .off else { return nil }
+        let timer = DispatchSource.makeTimerSource(queue: .global())
+        let done = NIOLockedValueBox(false)
+        timer.schedule(deadline: .now() + 1, repeating: 1)
+        timer.setEventHandler {
+            guard !done.withLockedValue({ $0 }) else { return }
+            let s = prefetcher.status()
+            let eta = s.etaSeconds.map { "\(Int($0.rounded())) s" } ?? "?"
+            let complete = s.progress >= 1
+            let percent = (s.progress * 1000).rounded(.down) / 10
+            let rate = (s.rate / 1e5).rounded() / 10
+            let tail = complete ? "  complete\n" : (s.state == .paused ? "  (paused)   " : "             ")
+            let line = "\rpulled \(percent)%  \(rate) MB/s  ETA \(eta)\(tail)"
+            let bytes = Array(line.utf8)
+            _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+            if complete { done.withLockedValue { $0 = true } }
+        }
+        timer.resume()
+        return timer
+    }
+
+    private func startControl(server: NBDServer, export: Export, prefetcher: Prefetcher?, group: any EventLoopGroup,
                               logger: Logger) throws -> ControlServer? {
         guard let control else { return nil }
         let kind = source != nil ? "lazy" : (file != nil ? "file" : "memory")
         let c = ControlServer(path: control, group: group, logger: logger) { command in
+            if command == "prefetch pause" || command == "prefetch resume" {
+                var reply = JSONObject()
+                guard let prefetcher, prefetcher.status().mode != .off else {
+                    reply.add("error", "no background pull on this export (--prefetch off, or not a lazy export)")
+                    return reply.rendered
+                }
+                if command == "prefetch pause" { prefetcher.pause() } else { prefetcher.resume() }
+                reply.add("ok", true)
+                let done = prefetcher.status().state == .done
+                reply.add("prefetch", done ? "done" : (command == "prefetch pause" ? "paused" : "running"))
+                return reply.rendered
+            }
             guard command == "status" else {
                 var e = JSONObject()
-                e.add("error", "unknown command '\(command)' (known: status)")
+                e.add("error", "unknown command '\(command)' (known: status, prefetch pause, prefetch resume)")
                 return e.rendered
             }
             var json = JSONObject()
@@ -253,6 +356,7 @@ struct Serve: ParsableCommand {
             json.add("read_only", export.info.readOnly)
             json.add("connections", server.connectionCount)
             (export.backend as? LazyBackend)?.status().addFields(to: &json)
+            prefetcher?.status().addFields(to: &json)
             return json.rendered
         }
         do {

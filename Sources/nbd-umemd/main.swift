@@ -8,6 +8,8 @@ import Glibc
 do {
     var command = try NbdUmemd.parseAsRoot()
     try command.run()
+} catch let code as ExitCode {
+    exit(code.rawValue)  // the command has already said why
 } catch {
     let code = NbdUmemd.exitCode(for: error)
     if code == .success {

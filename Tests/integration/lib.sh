@@ -320,16 +320,22 @@ source_reads() { source_requests "$@" | awk '$1 == "Read" { print $2, $3 }'; }
 source_read_bytes() { source_reads "$@" | awk '{ s += $2 } END { printf "%d\n", s }'; }
 
 # serve_lazy NAME SOURCE-NAME STORE-DIR [ARG...]: nbd-umemd lazy export of source SOURCE-NAME (see
-# start_source) on $T/NAME.sock with its store in STORE-DIR.
+# start_source) on $T/NAME.sock with its store in STORE-DIR. Without a --prefetch ARG the background
+# pull is off (--prefetch off), so that the source log shows demand misses only.
 serve_lazy() {
     local name=$1 src=$2 store=$3; shift 3
-    serve_unix "$name" --source "$(uri "$src")" --store "$store" "$@"
+    local a prefetch=(--prefetch off)
+    for a in "$@"; do [[ "$a" == --prefetch || "$a" == --prefetch=* ]] && prefetch=(); done
+    serve_unix "$name" --source "$(uri "$src")" --store "$store" "${prefetch[@]}" "$@"
 }
 
 # require_lazy: fail early, with a clear message, if the binary has no lazy-export support.
 require_lazy() {
-    "$NBD_UMEMD" serve --help 2>&1 | grep -q -- '--source' \
-        || fail "$NBD_UMEMD has no 'serve --source' (lazy export) support"
+    # (not `serve --help | grep -q`: grep may exit before the help is written, and the daemon's
+    # SIGPIPE would fail the pipeline)
+    local help
+    help=$("$NBD_UMEMD" serve --help 2>&1) || true
+    grep -q -- '--source' <<<"$help" || fail "$NBD_UMEMD has no 'serve --source' (lazy export) support"
 }
 
 # run_fio WHAT CMD...: the fio command must exit 0 with no error or verification failure in its

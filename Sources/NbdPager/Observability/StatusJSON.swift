@@ -6,6 +6,10 @@ public struct JSONObject: Sendable {
 
     public mutating func add(_ key: String, _ value: UInt64) { fields.append((key, String(value))) }
     public mutating func add(_ key: String, _ value: Int) { fields.append((key, String(value))) }
+    /// A value between 0 and 1, with four decimals.
+    public mutating func add(_ key: String, fraction value: Double) {
+        fields.append((key, String((value * 10_000).rounded() / 10_000)))
+    }
     public mutating func add(_ key: String, _ value: Bool) { fields.append((key, value ? "true" : "false")) }
     public mutating func add(_ key: String, _ value: String) { fields.append((key, Self.quote(value))) }
     public mutating func add(_ key: String, _ value: Double?) {
@@ -58,5 +62,18 @@ extension LazyBackend.Status {
         json.add("miss_latency_p99_us", missLatencyP99Microseconds)
         json.add("source_connected", sourceConnected)
         json.add("complete", complete)
+    }
+}
+
+extension Prefetcher.Status {
+    /// The background-pull fields of `nbd-umemd status`.
+    public func addFields(to json: inout JSONObject) {
+        json.add("prefetch", mode.rawValue)
+        json.add("prefetch_state", state.rawValue)
+        json.add("background_bytes", backgroundBytes)
+        json.add("background_rate_bps", rate)
+        json.add("max_rate_bps", maxRate.map { Double($0) })
+        json.add("progress", fraction: progress)
+        json.add("eta_seconds", etaSeconds)
     }
 }

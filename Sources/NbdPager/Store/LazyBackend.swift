@@ -21,7 +21,13 @@ import Glibc
 public final class LazyBackend: BlockBackend, @unchecked Sendable {
     public let store: PageStore
     public let source: any RemoteSource
+    /// Background pulls (the prefetcher's) go through these connections when given, so a demand miss
+    /// never waits behind background data on the same connection.
+    public let backgroundSource: (any RemoteSource)?
     public let fetchSize: UInt64
+    /// The fetch window demand misses use now: `fetchSize`, or one page while a background pull
+    /// brings the neighbours (a miss then moves only what the client waits for over the link).
+    private let demandFetchSize: ManagedAtomic<UInt64>
     public let capabilities: BackendCapabilities
     private let logger: Logger
 
@@ -68,15 +74,19 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     final class Pull: Sendable {
         let pages: Range<UInt64>
         let bytes: UInt64
+        /// Started by the prefetcher: not counted against `maxBytesInFlight` (the prefetcher bounds its
+        /// own), and sent through `backgroundSource`.
+        let background: Bool
         let data: EventLoopPromise<ByteBuffer>
         let stored: EventLoopPromise<Void>
 
         /// Callbacks to run on the receiving thread the moment the data arrives (see `pendingRead`).
         private let arrival = NIOLockedValueBox<(arrived: Bool, hooks: [@Sendable (ByteBuffer) -> Void])>((false, []))
 
-        init(pages: Range<UInt64>, bytes: UInt64, eventLoop: any EventLoop) {
+        init(pages: Range<UInt64>, bytes: UInt64, background: Bool, eventLoop: any EventLoop) {
             self.pages = pages
             self.bytes = bytes
+            self.background = background
             self.data = eventLoop.makePromise(of: ByteBuffer.self)
             self.stored = eventLoop.makePromise(of: Void.self)
         }
@@ -106,11 +116,14 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     var geometry: PageGeometry { store.geometry }
 
     public init(store: PageStore, source: any RemoteSource, fetchSize: UInt64, logger: Logger,
-                maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight) {
+                maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
+                backgroundSource: (any RemoteSource)? = nil) {
         self.maxBytesInFlight = maxBytesInFlight
+        self.backgroundSource = backgroundSource
         self.store = store
         self.source = source
         self.fetchSize = max(fetchSize, store.pageSize)
+        self.demandFetchSize = ManagedAtomic(max(fetchSize, store.pageSize))
         self.maxPullPages = max(Self.maxPullLength, self.fetchSize) / store.pageSize
         storeWriter.start()
         self.logger = logger
@@ -133,9 +146,13 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         let started = NIODeadline.now()
         guard let pending = ensurePresent(pages, eventLoop: eventLoop) else { return nil }
         demandMisses.wrappingIncrement(ordering: .relaxed)
+        demandStarted(pages)
         let histogram = missLatency
-        pending.whenSuccess {
-            histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
+        pending.whenComplete { result in
+            if case .success = result {
+                histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
+            }
+            self.demandFinished()
         }
         return pending
     }
@@ -157,25 +174,28 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// Starts pulls for the absent pages of `pages` that no pull covers yet, and returns a future for
     /// all the pulls the range waits on (nil when every page is already present or local).
     func ensurePresent(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
-        let waits = claim(pages, eventLoop: eventLoop)
+        let waits = claim(pages, eventLoop: eventLoop).covering
         if waits.isEmpty { return nil }
         // A pull started by a connection on another event loop completes there: hop to the caller's.
         let local = waits.map { $0.stored.futureResult.hop(to: eventLoop) }
         return local.count == 1 ? local[0] : EventLoopFuture.andAllSucceed(local, on: eventLoop)
     }
 
-    /// The pulls covering the absent pages of `pages`, starting new ones (fetch-size aligned, consecutive
-    /// windows coalesced into one source read) for absent pages no pull covers yet.
-    private func claim(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> [Pull] {
+    /// The pulls covering the absent pages of `pages` (`covering`), starting new ones (`created`) for
+    /// absent pages no pull covers yet: fetch-size aligned with consecutive windows coalesced into one
+    /// source read, or, for `background`, exactly the uncovered runs inside `pages`.
+    private func claim(_ pages: Range<UInt64>, eventLoop: any EventLoop,
+                       background: Bool = false) -> (covering: [Pull], created: [Pull]) {
         let absent = store.runs(of: .absent, in: pages)
-        guard !absent.isEmpty else { return [] }
+        guard !absent.isEmpty else { return ([], []) }
         var waits: [Pull] = []
+        var created: [Pull] = []
         var launch: [Pull] = []
         lock.withLock {
             var seen = Set<ObjectIdentifier>()
             for run in absent {
                 // New pulls reach to the end of the fetch window holding the run's last page.
-                let reach = fetchWindow(around: run.upperBound - 1).upperBound
+                let reach = background ? run.upperBound : fetchWindow(around: run.upperBound - 1).upperBound
                 var page = run.lowerBound
                 while page < run.upperBound {
                     if let p = pulls[page] {
@@ -184,17 +204,21 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                         continue
                     }
                     var lo = page
-                    let window = fetchWindow(around: page)
+                    let window = background ? page ..< page + 1 : fetchWindow(around: page)
                     while lo > window.lowerBound, pulls[lo - 1] == nil, store.state(of: lo - 1) == .absent { lo -= 1 }
                     var hi = page + 1
                     while hi < reach, hi - lo < maxPullPages, pulls[hi] == nil, store.state(of: hi) == .absent { hi += 1 }
-                    let pull = Pull(pages: lo ..< hi, bytes: geometry.byteRange(of: lo ..< hi).length, eventLoop: eventLoop)
+                    let pull = Pull(pages: lo ..< hi, bytes: geometry.byteRange(of: lo ..< hi).length,
+                                    background: background, eventLoop: eventLoop)
                     for p in lo ..< hi { pulls[p] = pull }
                     seen.insert(ObjectIdentifier(pull))
                     waits.append(pull)
-                    // At most `maxBytesInFlight` of pulls are in flight (or waiting for the store) at once;
-                    // the rest wait their turn, so a huge CACHE cannot buffer the whole export.
-                    if bytesInFlight == 0 || bytesInFlight + pull.bytes <= maxBytesInFlight {
+                    created.append(pull)
+                    // At most `maxBytesInFlight` of demand pulls are in flight (or waiting for the store)
+                    // at once; the rest wait their turn, so a huge CACHE cannot buffer the whole export.
+                    if background {
+                        launch.append(pull)
+                    } else if bytesInFlight == 0 || bytesInFlight + pull.bytes <= maxBytesInFlight {
                         bytesInFlight += pull.bytes
                         launch.append(pull)
                     } else {
@@ -205,12 +229,17 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             }
         }
         for pull in launch { start(pull) }
-        return waits
+        return (waits, created)
+    }
+
+    /// Starts background pulls for the absent pages of `pages` no pull covers yet; returns them.
+    func startBackground(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> [Pull] {
+        claim(pages, eventLoop: eventLoop, background: true).created
     }
 
     /// The fetch-size-aligned window of pages around `page`.
     private func fetchWindow(around page: UInt64) -> Range<UInt64> {
-        let pagesPerFetch = max(1, fetchSize / store.pageSize)
+        let pagesPerFetch = max(1, demandFetchSize.load(ordering: .relaxed) / store.pageSize)
         let lo = page - page % pagesPerFetch
         return lo ..< min(lo + pagesPerFetch, store.pageCount)
     }
@@ -224,6 +253,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         let eventLoop = pull.stored.futureResult.eventLoop
         pullsInFlight.wrappingIncrement(ordering: .relaxed)
         let small = length <= Self.inlineStoreLimit
+        let source = pull.background ? (backgroundSource ?? self.source) : self.source
         source.read(offset: offset, length: Int(length), eventLoop: eventLoop, onArrival: { [self] data in
             pull.arrived(data)
             if small {
@@ -250,7 +280,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         pull.stored.futureResult.whenComplete { [self] _ in
             let next: [Pull] = lock.withLock {
                 for p in pull.pages where pulls[p] === pull { pulls[p] = nil }
-                bytesInFlight -= pull.bytes
+                if !pull.background { bytesInFlight -= pull.bytes }
                 var next: [Pull] = []
                 while let first = queued.first, bytesInFlight == 0 || bytesInFlight + first.bytes <= maxBytesInFlight {
                     queued.removeFirst()
@@ -274,12 +304,13 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                             early: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer>? {
         let pages = geometry.pages(covering: offset, length: length)
         guard !pages.isEmpty, store.count(of: .absent, in: pages) == UInt64(pages.count) else { return nil }
-        let covering = claim(pages, eventLoop: eventLoop).sorted { $0.pages.lowerBound < $1.pages.lowerBound }
+        let covering = claim(pages, eventLoop: eventLoop).covering.sorted { $0.pages.lowerBound < $1.pages.lowerBound }
         // A page may have been stored between the check and the claim: then take the store path.
         var next = pages.lowerBound
         for p in covering where p.pages.lowerBound <= next { next = max(next, p.pages.upperBound) }
         guard next >= pages.upperBound else { return nil }
         demandMisses.wrappingIncrement(ordering: .relaxed)
+        demandStarted(pages)
         let started = NIODeadline.now()
         let histogram = missLatency
         let geometry = self.geometry
@@ -318,7 +349,12 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                     return out
                 }
         }
-        result.whenSuccess { _ in histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds)) }
+        result.whenComplete { outcome in
+            if case .success = outcome {
+                histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
+            }
+            self.demandFinished()
+        }
         return result
     }
 
@@ -396,8 +432,42 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         if first {
             logger.info("every page is local; the source is no longer needed")
             // Not from this thread: it may be one of the source's own (a pull stored on arrival).
-            let source = self.source
-            DispatchQueue.global().async { source.close() }
+            let sources: [any RemoteSource] = [source] + (backgroundSource.map { [$0] } ?? [])
+            DispatchQueue.global().async { sources.forEach { $0.close() } }
+        }
+    }
+
+    // MARK: demand misses, for the prefetcher
+
+    /// Told about demand misses (a client waits for these pages) and when none is left waiting.
+    public protocol DemandObserver: AnyObject, Sendable {
+        func demandMiss(_ pages: Range<UInt64>)
+        func demandIdle()
+    }
+
+    private let observer = NIOLockedValueBox<(any DemandObserver)?>(nil)
+    /// Client requests waiting for pulls right now.
+    let demandPending = ManagedAtomic<Int>(0)
+
+    public func setDemandObserver(_ o: (any DemandObserver)?) { observer.withLockedValue { $0 = o } }
+
+    /// Demand misses pull only the pages asked for (`true`, while a background pull brings the rest)
+    /// or whole `fetchSize` windows (`false`).
+    public func setDemandPagesOnly(_ pagesOnly: Bool) {
+        demandFetchSize.store(pagesOnly ? store.pageSize : fetchSize, ordering: .relaxed)
+    }
+
+    /// Whether a client is waiting for the source right now.
+    public var demandOutstanding: Bool { demandPending.load(ordering: .relaxed) > 0 }
+
+    private func demandStarted(_ pages: Range<UInt64>) {
+        demandPending.wrappingIncrement(ordering: .relaxed)
+        observer.withLockedValue { $0 }?.demandMiss(pages)
+    }
+
+    private func demandFinished() {
+        if demandPending.wrappingDecrementThenLoad(ordering: .relaxed) == 0 {
+            observer.withLockedValue { $0 }?.demandIdle()
         }
     }
 
@@ -597,6 +667,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
 
     public func close() throws {
         source.close()
+        backgroundSource?.close()
         // Waits for a store write in progress, so none runs after the store is closed.
         try? storeWriter.syncShutdownGracefully()
         try store.close()

@@ -69,6 +69,20 @@ public enum Sys {
         }
     }
 
+    /// Writes all of `bytes` at the file's current position (O_APPEND files: at the end).
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8], what: String) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = try retryingEINTR("write \(what)") {
+                bytes.withUnsafeBytes { raw in
+                    raw.baseAddress.map { Glibc.write(fd, $0 + done, raw.count - done) } ?? 0
+                }
+            }
+            if n == 0 { throw SystemError("write \(what)", errno: ENOSPC) }
+            done += n
+        }
+    }
+
     static func fdatasync(_ fd: Int32) throws {
         _ = try retryingEINTR("fdatasync") { Glibc.fdatasync(fd) }
     }
