@@ -66,6 +66,13 @@ static inline int umemd_socket_outq(int fd) {
     return n;
 }
 
+/* Bytes received on a socket and not yet read (FIONREAD), or -1. */
+static inline int umemd_socket_inq(int fd) {
+    int n = 0;
+    if (ioctl(fd, 0x541B /* FIONREAD */, &n) != 0) return -1;
+    return n;
+}
+
 /* One non-blocking send of two buffers, never raising SIGPIPE. */
 static inline ssize_t umemd_send2(int fd, const void *a, size_t alen, const void *b, size_t blen) {
     struct iovec v[2] = { { (void *)a, alen }, { (void *)b, blen } };

@@ -71,4 +71,19 @@ final class DirectReplyWriterTests: XCTestCase {
         XCTAssertFalse(writer.tryWrite(header: buffer([0]), data: buffer([1])))
         XCTAssertEqual(drain(), [])
     }
+
+    func testFlushMayReenterAndCloseWithoutDeadlock() throws {
+        // NIO's flush can re-enter the handler (writability changes, a failed write closing the
+        // channel): nested flushes and a close from inside a flush must not deadlock.
+        let writer = try XCTUnwrap(DirectReplyWriter(socket: fds[0]))
+        var ran = false
+        writer.flush {
+            XCTAssertFalse(writer.tryWrite(header: buffer([1]), data: buffer([2])), "no direct write during a flush")
+            writer.flush { ran = true }
+            writer.close()
+        }
+        XCTAssertTrue(ran)
+        XCTAssertFalse(writer.tryWrite(header: buffer([1]), data: buffer([2])))
+        XCTAssertEqual(drain(), [])
+    }
 }

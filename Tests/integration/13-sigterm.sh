@@ -89,6 +89,41 @@ if "$PY" -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(2)
 fi
 say "ok: section A: server exited 0 after SIGTERM"
 
+# ---- A2. requests still unread in the socket when SIGTERM arrives --------------------------------
+# The client asks for 3 x 8 MiB and does not read: more than the 16 MiB the server queues per
+# connection, so it stops reading (back-pressure) and the next 7 requests stay in the kernel. After SIGTERM they must still be answered
+# (data or ESHUTDOWN): closing with them unread would reset the connection and lose every reply.
+serve_unix mem2 --memory 64M
+PY_TIMEOUT=120 soft py "$(sock mem2)" "${SRV_PID[mem2]}" <<'PY'
+import os, signal, sys, time
+from nbdraw import *
+from nbdtest import check, note
+sock, pid = sys.argv[1], int(sys.argv[2])
+MiB = 1 << 20
+c = RawClient(sock, timeout=30)
+c.connect_default()
+handles = [c.request(CMD_READ, i * 8 * MiB, 8 * MiB) for i in range(3)]
+time.sleep(0.5)                       # the server now holds 16+ MiB of replies and reads no more
+handles += [c.request(CMD_READ, (i + 1) * 4096, 4096) for i in range(7)]
+time.sleep(0.3)
+os.kill(pid, signal.SIGTERM)
+stash, answered, errors = {}, 0, 0
+while c.pending:
+    try:
+        r = c.reply(stash)
+    except Closed as e:
+        break
+    answered += 1
+    if r.error:
+        errors += 1
+check(not c.pending, "server closed the connection with %d of 10 requests unanswered (7 were still "
+      "unread in its socket at SIGTERM)" % len(c.pending))
+note("A2: %d of 10 requests answered (%d with an error, ESHUTDOWN expected)" % (answered, errors))
+PY
+wait_server_exit mem2 20
+[ "$SRV_RC" -eq 0 ] || fail "server mem2 exited with status $SRV_RC after SIGTERM (expected 0)"
+say "ok: section A2: requests unread at SIGTERM were answered"
+
 # ---- B. libnbd aio writes to a --file export, SIGTERM after the first completion --------------
 truncate -s 64M "$T/disk.img"
 serve_unix file --file "$T/disk.img"

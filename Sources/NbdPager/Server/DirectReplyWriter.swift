@@ -11,9 +11,10 @@ import Glibc
 /// fault that saves one cross-thread wake-up.
 ///
 /// The socket is shared with NIO, so writes never interleave: the event loop counts the writes it has
-/// queued and not yet completed (`willWrite`/`didWrite`) and flushes under the lock; a direct write runs
-/// under the same lock, only while NIO has nothing queued and the peer has read everything sent so far,
-/// only for small replies, and always writes the whole reply before releasing the lock.
+/// queued and not yet completed (`willWrite`/`didWrite`) and marks its flushes (`flush`); a direct write
+/// runs under the lock, only while NIO has nothing queued and is not flushing and the peer has read
+/// everything sent so far, only for small replies, and always writes the whole reply before releasing
+/// the lock. The lock is never held while NIO runs (a flush can re-enter the handler).
 final class DirectReplyWriter: @unchecked Sendable {
     /// Replies up to this size (header included) may be written directly.
     static let maxDirectReply = 16 * 1024 + 64
@@ -22,6 +23,8 @@ final class DirectReplyWriter: @unchecked Sendable {
     /// A duplicate of the channel's socket, valid until `close` even if NIO has closed its own descriptor.
     private var fd: Int32
     private let nioPending = ManagedAtomic<Int>(0)
+    /// Flushes in progress on the event loop (guarded by `lock`).
+    private var flushing = 0
 
     /// Nil when the channel does not expose a socket.
     init?(context: ChannelHandlerContext) {
@@ -44,15 +47,21 @@ final class DirectReplyWriter: @unchecked Sendable {
     /// Event loop: a write queued with NIO has completed (written or failed).
     func didWrite() { nioPending.wrappingDecrement(ordering: .sequentiallyConsistent) }
 
-    /// Event loop: runs NIO's flush so that no direct write happens during it.
-    func flush(_ body: () -> Void) { lock.withLock(body) }
+    /// Event loop: runs NIO's flush; no direct write starts while it runs, and one in progress finishes
+    /// first (a write queued before the flush was counted by `willWrite`, so none starts after it either).
+    func flush(_ body: () -> Void) {
+        lock.withLock { flushing += 1 }
+        defer { lock.withLock { flushing -= 1 } }
+        body()
+    }
 
     /// Any thread: writes `header` + `data` to the socket if that is safe right now. True when the whole
     /// reply was written; false when nothing was (the caller then replies through NIO).
     func tryWrite(header: ByteBuffer, data: ByteBuffer) -> Bool {
         guard header.readableBytes + data.readableBytes <= Self.maxDirectReply else { return false }
         return lock.withLock {
-            guard fd >= 0, nioPending.load(ordering: .sequentiallyConsistent) == 0, umemd_socket_outq(fd) == 0 else {
+            guard fd >= 0, flushing == 0, nioPending.load(ordering: .sequentiallyConsistent) == 0,
+                  umemd_socket_outq(fd) == 0 else {
                 return false
             }
             return header.withUnsafeReadableBytes { h in

@@ -1,4 +1,5 @@
 import Atomics
+import CNbd
 import Logging
 import NIOCore
 import NIOPosix
@@ -44,6 +45,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var parsingBlocked = false
     private var needsFlush = false
     private var handshakeTimer: Scheduled<Void>?
+    /// Reads made after shutdown to collect requests sent before it (see `drainAfterShutdown`).
+    private var shutdownReads = 0
+    static let maxShutdownReads = 64
     /// Writes read replies from the thread that receives a demand miss's data (created on the first miss).
     private var direct: DirectReplyWriter?
     private var directTried = false
@@ -104,13 +108,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if event is ShutdownEvent {
             // Server shutdown (NBD spec: serve in-flight requests, answer the rest with ESHUTDOWN).
             shuttingDown = true
-            inputDone = true
             if !machine.isInTransmission {
+                inputDone = true
                 closeAfterReplies(context)
             } else {
                 processBuffered(context: context)
                 flushIfNeeded(context)
-                finishIfDone(context)
+                drainAfterShutdown(context)
             }
         } else if case ChannelEvent.inputClosed = event {
             // The client shut down its sending side: answer what it sent, then close.
@@ -118,6 +122,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             finishIfDone(context)
         } else {
             context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    /// During shutdown: requests the client sent before it may still sit in the socket (reading pauses
+    /// under back-pressure). They are read and answered (ESHUTDOWN) before the connection closes; closing
+    /// with unread input would reset the connection and lose the replies already sent. Bounded, so a
+    /// client that keeps sending cannot hold the shutdown up.
+    private func drainAfterShutdown(_ context: ChannelHandlerContext) {
+        guard shuttingDown, !inputDone, !closing else { return }
+        let unread = (try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+            umemd_socket_inq($0)
+        }) ?? 0
+        if unread > 0 && shutdownReads < Self.maxShutdownReads {
+            shutdownReads += 1
+            context.read()
+        } else {
+            inputDone = true
+            finishIfDone(context)
         }
     }
 
@@ -202,6 +224,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         batchRequests = 0
         batchAllSmall = true
+        if shuttingDown { drainAfterShutdown(context) }
         context.fireChannelReadComplete()
     }
 
@@ -270,7 +293,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         // A lazy export first makes the range local (pulling absent pages); plain exports are ready.
-        if request.command == .read, let data = pendingRead(request, export: export, context: context) {
+        if request.command == .read, export.backend.capabilities.pendingReads,
+           let data = pendingRead(request, export: export, context: context) {
             inFlight += 1
             data.future.assumeIsolated().whenComplete { result in
                 self.inFlight -= 1

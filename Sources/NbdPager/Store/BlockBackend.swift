@@ -58,9 +58,11 @@ public struct BackendCapabilities: Sendable, Hashable {
     public var canMultiConn: Bool
     /// Every operation finishes in memory-speed time, so the event loop may run them all inline.
     public var inlineSafe: Bool
+    /// Some reads wait for remote data (`pendingRead` may return a future).
+    public var pendingReads: Bool
 
     public init(writable: Bool, canTrim: Bool, canZero: Bool, canFastZero: Bool, canCache: Bool,
-                canMultiConn: Bool, inlineSafe: Bool) {
+                canMultiConn: Bool, inlineSafe: Bool, pendingReads: Bool = false) {
         self.writable = writable
         self.canTrim = canTrim
         self.canZero = canZero
@@ -68,6 +70,7 @@ public struct BackendCapabilities: Sendable, Hashable {
         self.canCache = canCache
         self.canMultiConn = canMultiConn
         self.inlineSafe = inlineSafe
+        self.pendingReads = pendingReads
     }
 }
 

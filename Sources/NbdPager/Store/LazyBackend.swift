@@ -129,7 +129,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         self.logger = logger
         self.capabilities = BackendCapabilities(
             writable: true, canTrim: true, canZero: true, canFastZero: true, canCache: true,
-            canMultiConn: true, inlineSafe: false)
+            canMultiConn: true, inlineSafe: false, pendingReads: true)
     }
 
     // MARK: making ranges readable
