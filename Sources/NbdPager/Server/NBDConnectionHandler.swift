@@ -48,9 +48,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Reads made after shutdown to collect requests sent before it (see `drainAfterShutdown`).
     private var shutdownReads = 0
     static let maxShutdownReads = 64
-    /// Writes read replies from the thread that receives a demand miss's data (created on the first miss).
+    /// Writes read replies from the thread that receives a demand miss's data. Created before anything is
+    /// written on a connection to a lazy export, so that every NIO write is counted (`send`).
     private var direct: DirectReplyWriter?
-    private var directTried = false
 
     /// Busy-poll window (see `NBDServer.pollWindow`); zero disables polling.
     private let pollWindow: TimeAmount
@@ -78,8 +78,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             context.close(promise: nil)
             return
         }
-        let greeting = machine.greeting()
-        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        if exports.values.contains(where: { $0.backend.capabilities.pendingReads }) {
+            direct = DirectReplyWriter(context: context)
+        }
+        send(machine.greeting(), context)
+        flushIfNeeded(context)
         let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
         handshakeTimer = context.eventLoop.scheduleTask(in: Self.handshakeTimeout) { [logger] in
             logger.info("closing connection: handshake not finished in time")
@@ -156,8 +159,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard context.channel.isActive else { return }
         let written = context.eventLoop.makePromise(of: Void.self)
         needsFlush = false
+        let direct = self.direct
+        direct?.willWrite()
         context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: written)
         written.futureResult.assumeIsolated().whenComplete { _ in
+            direct?.didWrite()
             context.close(promise: nil)
         }
     }
@@ -417,10 +423,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// written directly by the thread that received the data (small replies on a quiet connection).
     private func pendingRead(_ request: NBDRequest, export: Export,
                              context: ChannelHandlerContext) -> (future: EventLoopFuture<ByteBuffer>, sent: ManagedAtomic<Bool>)? {
-        if !directTried {
-            directTried = true
-            direct = DirectReplyWriter(context: context)
-        }
         let sent = ManagedAtomic<Bool>(false)
         var early: (@Sendable (ByteBuffer) -> Void)? = nil
         if let direct, !closing, Int(request.length) + 32 <= DirectReplyWriter.maxDirectReply {
