@@ -219,7 +219,7 @@ struct Serve: ParsableCommand {
         }
         let control = try startControl(server: server, export: export, prefetcher: prefetcher, group: group, logger: logger)
         prefetcher?.start()
-        let progressLine = prefetcher.flatMap { startProgressLine($0, lazy: backend as? LazyBackend) }
+        let progressLine = prefetcher.flatMap { startProgressLine($0) }
         let info = export.info
         logger.info("serving '\(info.name)' (\(info.size) bytes\(info.readOnly ? ", read-only" : ""))")
         if let pidfile {
@@ -305,7 +305,7 @@ struct Serve: ParsableCommand {
     }
 
     /// With --progress or a terminal on stderr: a progress line, rewritten every second until complete.
-    private func startProgressLine(_ prefetcher: Prefetcher, lazy: LazyBackend?) -> (any DispatchSourceTimer)? {
+    private func startProgressLine(_ prefetcher: Prefetcher) -> (any DispatchSourceTimer)? {
         guard progress || isatty(2) != 0, prefetcher.status().mode != .off else { return nil }
         let timer = DispatchSource.makeTimerSource(queue: .global())
         let done = NIOLockedValueBox(false)
