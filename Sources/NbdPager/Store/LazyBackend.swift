@@ -144,7 +144,10 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             return futures.isEmpty ? nil : EventLoopFuture.andAllSucceed(futures, on: eventLoop)
         }
         let started = NIODeadline.now()
-        guard let pending = ensurePresent(pages, eventLoop: eventLoop) else { return nil }
+        let covering = claim(pages, eventLoop: eventLoop).covering
+        guard let pending = waitStored(covering, eventLoop: eventLoop) else { return nil }
+        // Pulls whose data is already here (being stored) are not a miss: nothing waits for the source.
+        guard covering.contains(where: { !$0.hasArrived }) else { return pending }
         demandMisses.wrappingIncrement(ordering: .relaxed)
         demandStarted(pages)
         let histogram = missLatency
@@ -174,7 +177,11 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// Starts pulls for the absent pages of `pages` that no pull covers yet, and returns a future for
     /// all the pulls the range waits on (nil when every page is already present or local).
     func ensurePresent(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
-        let waits = claim(pages, eventLoop: eventLoop).covering
+        waitStored(claim(pages, eventLoop: eventLoop).covering, eventLoop: eventLoop)
+    }
+
+    /// A future for when every pull of `waits` is in the store (nil for none).
+    private func waitStored(_ waits: [Pull], eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
         if waits.isEmpty { return nil }
         // A pull started by a connection on another event loop completes there: hop to the caller's.
         let local = waits.map { $0.stored.futureResult.hop(to: eventLoop) }
@@ -309,8 +316,12 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         var next = pages.lowerBound
         for p in covering where p.pages.lowerBound <= next { next = max(next, p.pages.upperBound) }
         guard next >= pages.upperBound else { return nil }
-        demandMisses.wrappingIncrement(ordering: .relaxed)
-        demandStarted(pages)
+        // Data that has already arrived (being stored) is a hit: nothing waits for the source.
+        let miss = covering.contains { !$0.hasArrived }
+        if miss {
+            demandMisses.wrappingIncrement(ordering: .relaxed)
+            demandStarted(pages)
+        }
         let started = NIODeadline.now()
         let histogram = missLatency
         let geometry = self.geometry
@@ -349,11 +360,13 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                     return out
                 }
         }
-        result.whenComplete { outcome in
-            if case .success = outcome {
-                histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
+        if miss {
+            result.whenComplete { outcome in
+                if case .success = outcome {
+                    histogram.record(nanoseconds: UInt64((NIODeadline.now() - started).nanoseconds))
+                }
+                self.demandFinished()
             }
-            self.demandFinished()
         }
         return result
     }
