@@ -87,6 +87,15 @@ final class FakeSource: RemoteSource, @unchecked Sendable {
     func close() {}
 }
 
+/// A test image of `pages` 4 KiB pages, every byte depending on its offset and page, with the
+/// `zeroRanges` (byte ranges) zeroed.
+func fakeImage(pages: Int, zeroRanges: [Range<UInt64>] = []) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: pages * 4096)
+    for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ i / 4096 &+ 7) }
+    for z in zeroRanges { for i in z { bytes[Int(i)] = 0 } }
+    return bytes
+}
+
 final class LazyBackendTests: XCTestCase {
     static let pageSize = 4096
     var dir = ""
@@ -104,9 +113,7 @@ final class LazyBackendTests: XCTestCase {
     func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096,
                      callsOnArrival: Bool = false,
                      maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight) throws -> (LazyBackend, FakeSource) {
-        var bytes = [UInt8](repeating: 0, count: pages * Self.pageSize)
-        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ i / 4096 &+ 7) }
-        for z in zeroRanges { for i in z { bytes[Int(i)] = 0 } }
+        let bytes = fakeImage(pages: pages, zeroRanges: zeroRanges)
         let source = FakeSource(data: bytes, zeroRanges: zeroRanges, callsOnArrival: callsOnArrival)
         let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
         return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test"),

@@ -21,9 +21,7 @@ final class PrefetcherTests: XCTestCase {
     }
 
     func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = []) throws -> (LazyBackend, FakeSource, FakeSource) {
-        var bytes = [UInt8](repeating: 0, count: pages * Self.page)
-        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 13 &+ i / 4096 &+ 1) }
-        for z in zeroRanges { for i in z { bytes[Int(i)] = 0 } }
+        let bytes = fakeImage(pages: pages, zeroRanges: zeroRanges)
         let demand = FakeSource(data: bytes, zeroRanges: zeroRanges)
         let background = FakeSource(data: bytes, zeroRanges: zeroRanges)
         let store = try PageStore.open(directory: dir, size: demand.size, identity: "fake", reset: false)

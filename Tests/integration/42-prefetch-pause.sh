@@ -95,13 +95,10 @@ from nbdtest import *
 reads = source_reads(sys.argv[1], int(sys.argv[2]))
 size = int(sys.argv[3]) * MiB
 P = 4096
-cover = [0] * (size // P)
-for o, c in reads:
-    for p in range(o // P, min((o + c + P - 1) // P, size // P)):
-        cover[p] += 1
-twice = [p for p in range(len(cover)) if cover[p] > 1]
+cover = page_coverage(reads, size, P)
+twice = [p for p in range(len(cover)) if len(cover[p]) > 1]
 check(not twice, "%d page(s) read from the source more than once after pause/resume, e.g. %r" % (len(twice), twice[:10]))
-missing = [p for p in range(len(cover)) if cover[p] == 0]
+missing = [p for p in range(len(cover)) if not cover[p]]
 check(not missing, "%d page(s) never read from the source, e.g. %r" % (len(missing), missing[:10]))
 check(sum(c for _, c in reads) == size, "source reads add up to %d bytes, expected %d" % (sum(c for _, c in reads), size))
 PY

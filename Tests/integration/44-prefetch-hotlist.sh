@@ -51,13 +51,10 @@ for o, l in want:
     else:
         continue
     break
-cover = [0] * (size // P)
-for o, c in reads:
-    for p in range(o // P, min((o + c + P - 1) // P, size // P)):
-        cover[p] += 1
-twice = [p for p in range(len(cover)) if cover[p] > 1]
+cover = page_coverage(reads, size, P)
+twice = [p for p in range(len(cover)) if len(cover[p]) > 1]
 check(not twice, "%d page(s) read from the source more than once, e.g. %r" % (len(twice), twice[:10]))
-missing = [p for p in range(len(cover)) if cover[p] == 0]
+missing = [p for p in range(len(cover)) if not cover[p]]
 check(not missing, "%d page(s) never read from the source, e.g. %r" % (len(missing), missing[:10]))
 PY
 }

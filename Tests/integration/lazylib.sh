@@ -69,3 +69,14 @@ lz_wait_status() {
     done
     return 1
 }
+
+# lz_check_local_without_source NAME SRC IMG: stops source SRC and checks that nbdcopy of the lazy
+# export NAME still equals IMG, i.e. every page really is local.
+lz_check_local_without_source() {
+    local name=$1 src=$2 img=$3
+    stop_source "$src"
+    tmo 120 nbdcopy "$(uri "$name")" "$T/$name.out.img" || fail "nbdcopy of the complete export with the source stopped failed"
+    assert_same_file "$img" "$T/$name.out.img" "nbdcopy of the complete export with the source stopped"
+    rm -f "$T/$name.out.img"
+    say "ok: source stopped, nbdcopy of the export equals the image"
+}

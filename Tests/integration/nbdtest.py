@@ -221,6 +221,15 @@ def source_reads(path, skip=0):
     return [(o, c) for (cmd, o, c) in source_requests(path, skip) if cmd == "Read"]
 
 
+def page_coverage(reads, size, page=4096):
+    """For each page of a `size`-byte export, the (offset, count) reads that covered it."""
+    cover = [[] for _ in range(size // page)]
+    for o, c in reads:
+        for p in range(o // page, min((o + c + page - 1) // page, size // page)):
+            cover[p].append((o, c))
+    return cover
+
+
 def overlapping(reads, offset, length):
     """The (offset, count) reads that overlap [offset, offset+length)."""
     return [(o, c) for (o, c) in reads if o < offset + length and offset < o + c]
