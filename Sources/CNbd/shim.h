@@ -86,4 +86,22 @@ static inline int umemd_dup_cloexec(int fd) {
     return fcntl(fd, F_DUPFD_CLOEXEC, 0);
 }
 
+/* Swap mode (Sources/NbdPager/System/SwapSafety.swift). prctl is variadic, so it gets a wrapper. */
+#include <sys/prctl.h>
+#include <sys/mman.h>
+#include <malloc.h>
+enum {
+    UMEMD_PR_SET_IO_FLUSHER = 57,
+    UMEMD_PR_GET_IO_FLUSHER = 58,
+    UMEMD_MCL_CURRENT = 1,
+    UMEMD_MCL_FUTURE = 2,
+    UMEMD_M_TRIM_THRESHOLD = -1,
+    UMEMD_M_MMAP_THRESHOLD = -3,
+};
+#include <pthread.h>
+extern int pthread_setattr_default_np(const pthread_attr_t *attr);
+static inline int umemd_prctl(int option, unsigned long arg) {
+    return prctl(option, arg, 0UL, 0UL, 0UL);
+}
+
 #endif

@@ -106,6 +106,9 @@ struct Serve: ParsableCommand {
     @Flag(name: .long, help: "Log every connection and rejected request.")
     var verbose = false
 
+    @Flag(name: .long, help: "Serve a swap device or file-backed RAM safely: lock all memory (mlockall), PR_SET_IO_FLUSHER on every thread, oom_score_adj -1000, a pre-faulted allocator reserve; a --memory export is allocated and locked in RAM up front. Needs root (CAP_IPC_LOCK, CAP_SYS_RESOURCE).")
+    var swap = false
+
     static let defaultPort = 10809
 
     func validate() throws {
@@ -158,6 +161,25 @@ struct Serve: ParsableCommand {
         }
         let logger = Logger(label: "nbd-umemd")
         signal(SIGPIPE, SIG_IGN)
+        if swap {
+            SwapSafety.keepAllocatorMemory()
+            do {
+                try SwapSafety.lockAllMemory()
+            } catch {
+                throw RuntimeFailure("\(error)")
+            }
+            // Without CAP_SYS_RESOURCE (some containers) these two cannot be had: say so loudly,
+            // but serve, since the memory is locked.
+            if let reason = SwapSafety.ioFlusherError {
+                logger.warning("--swap: \(reason): this daemon's own memory allocations may wait for I/O to the device it serves; not safe for swap under memory pressure")
+            }
+            do {
+                try SwapSafety.setOOMScoreAdjust(-1000)
+            } catch {
+                logger.warning("--swap: cannot set oom_score_adj to -1000 (\(error)); the OOM killer may pick this daemon")
+            }
+            if let warning = SwapSafety.memoryCgroupWarning() { logger.warning("\(warning)") }
+        }
 
         let backend: any BlockBackend
         let text: String
@@ -170,7 +192,7 @@ struct Serve: ParsableCommand {
                 text = description ?? "lazy copy of \(source)"
             } else {
                 let size = memory ?? 0
-                backend = try FileBackend.memory(size: size)
+                backend = swap ? try FileBackend.residentMemory(size: size) : try FileBackend.memory(size: size)
                 text = description ?? "memory, \(size) bytes"
             }
         } catch {
@@ -195,6 +217,14 @@ struct Serve: ParsableCommand {
         defer {
             try? pool.syncShutdownGracefully()
             try? group.syncShutdownGracefully()
+        }
+        if swap {
+            do {
+                try checkSwapThreads(group: group, pool: pool, logger: logger)
+            } catch {
+                try? backend.close()
+                throw error
+            }
         }
         let export = Export(name: exportName, description: text, backend: backend, readOnly: readonly,
                             minimumBlockSize: minBlockSize, threadPool: pool)
@@ -355,6 +385,15 @@ struct Serve: ParsableCommand {
             json.add("size", export.info.size)
             json.add("read_only", export.info.readOnly)
             json.add("connections", server.connectionCount)
+            if swap {
+                let (total, missing) = SwapSafety.threadsWithoutIOFlusher()
+                json.add("swap_mode", true)
+                json.add("threads", total)
+                json.add("io_flusher", SwapSafety.ioFlusherError == nil && missing.isEmpty)
+                json.add("threads_without_io_flusher", missing.count)
+                json.add("memory_locked_bytes", SwapSafety.lockedBytes() ?? 0)
+                json.add("oom_score_adj", SwapSafety.oomScoreAdjust() ?? 0)
+            }
             (export.backend as? LazyBackend)?.status().addFields(to: &json)
             prefetcher?.status().addFields(to: &json)
             return json.rendered
@@ -366,6 +405,48 @@ struct Serve: ParsableCommand {
             throw RuntimeFailure("cannot open control socket \(control): \(error)")
         }
         return c
+    }
+
+    /// Swap mode: pre-faults an allocator reserve on every serving thread and checks, with
+    /// PR_GET_IO_FLUSHER on those threads and the task flags of all threads, that every thread has
+    /// the IO_FLUSHER flag. Each I/O thread is held until all have reported, so each reports once.
+    private func checkSwapThreads(group: MultiThreadedEventLoopGroup, pool: NIOThreadPool, logger: Logger) throws {
+        var loopsFlagged = 0, loops = 0
+        for loop in group.makeIterator() {
+            loops += 1
+            let flagged = try loop.submit { () -> Bool in
+                SwapSafety.prefaultReserve(bytes: 16 << 20)
+                return SwapSafety.ioFlusherOnThisThread()
+            }.wait()
+            if flagged { loopsFlagged += 1 }
+        }
+        let arrived = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let poolFlagged = NIOLockedValueBox(0)
+        for _ in 0 ..< threads {
+            pool.submit { _ in
+                SwapSafety.prefaultReserve(bytes: 1 << 20)
+                if SwapSafety.ioFlusherOnThisThread() { poolFlagged.withLockedValue { $0 += 1 } }
+                arrived.signal()
+                release.wait()
+            }
+        }
+        var poolReported = 0
+        for _ in 0 ..< threads where arrived.wait(timeout: .now() + 10) == .success { poolReported += 1 }
+        for _ in 0 ..< threads { release.signal() }
+        let poolOK = poolFlagged.withLockedValue { $0 }
+        let (total, missing) = SwapSafety.threadsWithoutIOFlusher()
+        let locked = (SwapSafety.lockedBytes() ?? 0) >> 20
+        let oom = SwapSafety.oomScoreAdjust() ?? 0
+        if SwapSafety.ioFlusherError != nil {
+            logger.info("swap mode: \(locked) MiB locked; oom_score_adj \(oom); IO_FLUSHER unavailable (see warning)")
+            return
+        }
+        guard loopsFlagged == loops, poolOK == threads, poolReported == threads, missing.isEmpty else {
+            throw RuntimeFailure("--swap: PR_SET_IO_FLUSHER is missing on some threads (event loops \(loopsFlagged)/\(loops), "
+                + "I/O threads \(poolOK)/\(threads), threads without the flag: \(missing)); refusing to serve swap")
+        }
+        logger.info("swap mode: PR_GET_IO_FLUSHER = 1 on \(loops) event-loop and \(threads) I/O threads, IO_FLUSHER on all \(total) threads; \(locked) MiB locked; oom_score_adj \(oom)")
     }
 
     private func writePidfile(_ path: String) throws {

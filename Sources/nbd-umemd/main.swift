@@ -4,6 +4,13 @@ import NbdPager
 import Glibc
 #endif
 
+/// `serve --swap` needs PR_SET_IO_FLUSHER on every thread: set it now, before anything starts a
+/// thread (re-executing if the runtime already has), so that every later thread inherits it.
+let arguments = CommandLine.arguments
+if arguments.count > 1, arguments[1] == "serve", arguments.contains("--swap") {
+    SwapSafety.enterSwapModeEarly()
+}
+
 /// Entry point: parse, run, and turn every failure into one line on stderr and a non-zero exit.
 do {
     var command = try NbdUmemd.parseAsRoot()

@@ -37,17 +37,11 @@ public enum FaultList {
 
     /// Reads and parses a file.
     public static func read(path: String, size: UInt64) throws -> [Range<UInt64>] {
-        let fd = try Sys.open(path, flags: O_RDONLY, operation: "open \(path)")
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw SystemError("read \(path)", errno: errno) }
-            if n == 0 { break }
-            bytes += chunk[0 ..< n]
-            if bytes.count > 256 << 20 { throw ParseError(description: "\(path) is larger than 256 MiB") }
+        let bytes: [UInt8]
+        do {
+            bytes = try Sys.readFile(path, limit: 256 << 20)
+        } catch let e as SystemError where e.errno == EFBIG {
+            throw ParseError(description: "\(path) is larger than 256 MiB")
         }
         return try parse(String(decoding: bytes, as: UTF8.self), size: size, source: path)
     }

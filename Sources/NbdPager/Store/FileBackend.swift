@@ -20,9 +20,13 @@ public final class FileBackend: BlockBackend {
     private let canZeroRange = ManagedAtomic<Bool>(true)
     private let canSeekData = ManagedAtomic<Bool>(true)
     private let closed = ManagedAtomic<Bool>(false)
+    /// A resident memory export's locked mapping of the whole memfd (unmapped on close).
+    private let residentMapping: UInt?  // address (a raw pointer is not Sendable)
 
-    init(fd: Int32, size: UInt64, writable: Bool, isRegularFile: Bool, inlineSafe: Bool) {
+    init(fd: Int32, size: UInt64, writable: Bool, isRegularFile: Bool, inlineSafe: Bool,
+         residentMapping: UnsafeMutableRawPointer? = nil) {
         self.fd = fd
+        self.residentMapping = residentMapping.map { UInt(bitPattern: $0) }
         self.size = size
         self.isRegularFile = isRegularFile
         self.capabilities = BackendCapabilities(
@@ -57,13 +61,42 @@ public final class FileBackend: BlockBackend {
 
     /// A zero-filled RAM export of `size` bytes: a sparse memfd, so untouched pages cost nothing.
     public static func memory(size: UInt64, name: String = "nbd-umemd") throws -> FileBackend {
+        let fd = try sizedMemfd(size: size, name: name)
+        return FileBackend(fd: fd, size: size, writable: true, isRegularFile: true, inlineSafe: true)
+    }
+
+    /// A RAM export whose every page is allocated and locked in memory now (for `serve --swap`):
+    /// the memfd is mapped shared, populated and mlock'ed, and trims never punch holes (a page
+    /// allocated later, by a write into a hole, would not be locked and could itself be swapped out,
+    /// possibly to the device this export backs).
+    public static func residentMemory(size: UInt64, name: String = "nbd-umemd") throws -> FileBackend {
+        guard size <= UInt64(Int.max) else { throw SystemError("map memory export of \(size) bytes", errno: EFBIG) }
+        let fd = try sizedMemfd(size: size, name: name)
+        guard let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0), p != MAP_FAILED else {
+            let e = errno
+            _ = Glibc.close(fd)
+            throw SystemError("map memory export of \(size) bytes", errno: e)
+        }
+        guard mlock(p, Int(size)) == 0 else {
+            let e = errno
+            munmap(p, Int(size))
+            _ = Glibc.close(fd)
+            throw SystemError("lock memory export of \(size) bytes in RAM (mlock; RLIMIT_MEMLOCK?)", errno: e)
+        }
+        let backend = FileBackend(fd: fd, size: size, writable: true, isRegularFile: true, inlineSafe: true,
+                                  residentMapping: p)
+        backend.canPunchHole.store(false, ordering: .relaxed)
+        return backend
+    }
+
+    private static func sizedMemfd(size: UInt64, name: String) throws -> Int32 {
         let fd = try Sys.memfd(name: name)
         guard ftruncate(fd, off_t(size)) == 0 else {
             let e = errno
             _ = Glibc.close(fd)
             throw SystemError("ftruncate memory export to \(size) bytes", errno: e)
         }
-        return FileBackend(fd: fd, size: size, writable: true, isRegularFile: true, inlineSafe: true)
+        return fd
     }
 
     // MARK: read / write
@@ -171,11 +204,21 @@ public final class FileBackend: BlockBackend {
 
     public func close() throws {
         guard closed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
-        defer { _ = Glibc.close(fd) }
+        defer {
+            unmapResident()
+            _ = Glibc.close(fd)
+        }
         if capabilities.writable { try Sys.fdatasync(fd) }
     }
 
+    private func unmapResident() {
+        if let residentMapping { munmap(UnsafeMutableRawPointer(bitPattern: residentMapping), Int(size)) }
+    }
+
     deinit {
-        if !closed.load(ordering: .relaxed) { _ = Glibc.close(fd) }
+        if !closed.load(ordering: .relaxed) {
+            unmapResident()
+            _ = Glibc.close(fd)
+        }
     }
 }

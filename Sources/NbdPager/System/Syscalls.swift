@@ -152,4 +152,24 @@ extension Sys {
         defer { _ = Glibc.close(fd) }
         try fsync(fd)
     }
+
+    /// The whole content of a file of at most `limit` bytes (procfs and sysfs files report size 0,
+    /// so this reads until end of file).
+    static func readFile(_ path: String, limit: Int) throws -> [UInt8] {
+        let fd = try open(path, flags: O_RDONLY, operation: "open \(path)")
+        defer { _ = Glibc.close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = try retryingEINTR("read \(path)") { chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }
+            if n == 0 { return bytes }
+            bytes += chunk[0 ..< n]
+            if bytes.count > limit { throw SystemError("read \(path) (larger than \(limit) bytes)", errno: EFBIG) }
+        }
+    }
+
+    /// A small text file (procfs, sysfs), or nil when it cannot be read.
+    static func readText(_ path: String) -> String? {
+        (try? readFile(path, limit: 1 << 20)).map { String(decoding: $0, as: UTF8.self) }
+    }
 }
