@@ -81,3 +81,26 @@ stop_pid() {
         if [ $i -gt 200 ]; then kill -9 "$pid" 2>/dev/null; break; fi
     done
 }
+
+# build_mlock_preload: compiles scripts/mlock-preload.c into .build/libnbd-umemd-mlock.so (an
+# LD_PRELOAD library that mlockall()s the process) and sets NBD_MLOCK_PRELOAD to its path.
+build_mlock_preload() {
+    NBD_MLOCK_PRELOAD="$ROOT/.build/libnbd-umemd-mlock.so"
+    if [ ! -f "$NBD_MLOCK_PRELOAD" ] || [ "$ROOT/scripts/mlock-preload.c" -nt "$NBD_MLOCK_PRELOAD" ]; then
+        mkdir -p "$ROOT/.build"
+        gcc -O2 -Wall -shared -fPIC -o "$NBD_MLOCK_PRELOAD.tmp" "$ROOT/scripts/mlock-preload.c" \
+            && mv "$NBD_MLOCK_PRELOAD.tmp" "$NBD_MLOCK_PRELOAD" || die "cannot build $NBD_MLOCK_PRELOAD (needs gcc)"
+    fi
+}
+
+# build_mmap_tool: compiles scripts/nbd-mmap.c (static, so it also runs in the test VM's busybox
+# initramfs) into .build/nbd-mmap when the source is newer, and sets NBD_MMAP to its path.
+build_mmap_tool() {
+    NBD_MMAP="$ROOT/.build/nbd-mmap"
+    export NBD_MMAP
+    if [ ! -x "$NBD_MMAP" ] || [ "$ROOT/scripts/nbd-mmap.c" -nt "$NBD_MMAP" ]; then
+        mkdir -p "$ROOT/.build"
+        gcc -O2 -Wall -Wextra -static -o "$NBD_MMAP.tmp" "$ROOT/scripts/nbd-mmap.c" \
+            && mv "$NBD_MMAP.tmp" "$NBD_MMAP" || die "cannot build $NBD_MMAP (needs gcc and libc6-dev)"
+    fi
+}
