@@ -31,6 +31,7 @@ T=$(mktemp -d "/tmp/it-${TEST_NAME:0:20}.XXXXXX")
 declare -A SRV_PID=()
 declare -A SRV_STOPPED=()
 CLEANUP_CMDS=()   # extra commands (strings) the EXIT trap runs after stopping the servers
+PRE_STOP_CMDS=()  # commands the EXIT trap runs before stopping the servers (swapoff, detach)
 SRV_RC=
 _PASSED=0
 
@@ -55,6 +56,7 @@ _cleanup() {
     local rc=$? name pid i
     trap - ERR
     set +e
+    for ((i = ${#PRE_STOP_CMDS[@]} - 1; i >= 0; i--)); do eval "${PRE_STOP_CMDS[$i]}" >/dev/null 2>&1; done
     for name in "${!SRV_PID[@]}"; do
         pid=${SRV_PID[$name]}
         [ -n "${SRV_STOPPED[$name]:-}" ] && continue
