@@ -233,3 +233,26 @@ def page_coverage(reads, size, page=4096):
 def overlapping(reads, offset, length):
     """The (offset, count) reads that overlap [offset, offset+length)."""
     return [(o, c) for (o, c) in reads if o < offset + length and offset < o + c]
+
+
+# ---- the page pattern of the nbd-mmap tool (scripts/nbd-mmap.c) -------------------------------------
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def mmap_magic(seed):
+    """Word 0 of every page nbd-mmap writes with SEED (8 bytes, little-endian)."""
+    return (0x4E42444D4D415000 + (seed & 0xFF)).to_bytes(8, "little")
+
+
+def mmap_page(seed, p, page_size=4096):
+    """The bytes nbd-mmap writes into page P with SEED: the magic, P, then splitmix64 words."""
+    words = [0x4E42444D4D415000 + (seed & 0xFF), p]
+    words += [_splitmix64(((seed << 40) ^ (p << 12) ^ w) & _M64) for w in range(2, page_size // 8)]
+    return b"".join(w.to_bytes(8, "little") for w in words)

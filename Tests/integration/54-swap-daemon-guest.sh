@@ -1,0 +1,110 @@
+#!/bin/bash
+# nbd-umemd serve --swap in the reclaim path of a real kernel: inside a QEMU TCG guest (this host
+# grants no CAP_SYS_RESOURCE and has no nbd.ko), the daemon serves a --memory export on a Unix
+# socket, the guest kernel's own nbd client swaps to it (nbd-client -unix ... -swap), and a process
+# writes and verifies more anonymous memory than the guest has left. The production layout.
+# Checks, from inside the guest: PR_GET_IO_FLUSHER = 1 reported by the daemon for its event-loop and
+# I/O threads, the IO_FLUSHER task flag (PF_MEMALLOC_NOIO) on every thread in /proc/PID/task/*/stat,
+# oom_score_adj -1000, VmLck larger than the export, status JSON agreeing, swap really used, the data
+# verified, and a clean exit after swapoff.
+# Knob for checking that the test can fail: KGUEST_SWAP_FLAG= (empty: the daemon runs without --swap).
+. "$(dirname "$0")/lib.sh"
+# shellcheck source=../../scripts/lib/guest.sh
+. "$ROOT/scripts/lib/guest.sh"
+
+T0=$(date +%s%N)
+SWAP_FLAG=${KGUEST_SWAP_FLAG---swap}
+GUEST_MEM=512     # MiB
+EXPORT_MB=128
+guest_kit
+say "guest kernel $GUEST_KVER"
+
+cat >"$T/init" <<'INIT'
+#!/bin/sh
+# /init of the 54-swap-daemon-guest VM (busybox). Lines the host checks start with "GUEST" or "VERDICT".
+. /lib/guest-init.sh   # PATH, /dev, /proc, /sys, say
+bye() { say "FAILED: $*"; [ -f /run/d.log ] && sed 's/^/GUEST daemon: /' /run/d.log; poweroff -f; sleep 60; }
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+    umemd.flag=*) FLAG=${w#*=} ;;
+    umemd.export=*) EXPORT=${w#*=} ;;
+    esac
+done
+insmod /lib/modules/nbd.ko max_part=0 || bye "insmod nbd"
+ip link set lo up
+
+nbd-umemd serve --memory "${EXPORT}M" $FLAG --threads 4 --unix /run/s.sock --control /run/s.ctl \
+    --pidfile /run/s.pid 2>/run/d.log &
+daemon=$!
+i=0
+while [ ! -s /run/s.pid ]; do
+    kill -0 $daemon 2>/dev/null || bye "the daemon exited during start-up"
+    i=$((i + 1)); [ $i -lt 600 ] || bye "no pidfile after 120 s"
+    sleep 0.2
+done
+sed 's/^/GUEST daemon: /' /run/d.log
+say "status $(nbd-umemd status --control /run/s.ctl | tr -d ' \n')"
+n=0; bad=0
+for t in /proc/$daemon/task/*; do
+    rest=$(sed 's/.*) //' $t/stat)
+    set -- $rest
+    n=$((n + 1))
+    # field 9 (flags) is the 7th after the command name; IO_FLUSHER sets PF_MEMALLOC_NOIO (0x80000)
+    # and PF_LOCAL_THROTTLE (0x100000)
+    [ $(( $7 & 0x180000 )) -eq $((0x180000)) ] || bad=$((bad + 1))
+done
+say "threads=$n without-io-flusher=$bad"
+say "oom_score_adj=$(cat /proc/$daemon/oom_score_adj)"
+say "vmlck-kb=$(awk '/^VmLck:/ {print $2}' /proc/$daemon/status)"
+
+nbd-client -unix /run/s.sock /dev/nbd0 -b 4096 -swap || bye "nbd-client -unix /run/s.sock /dev/nbd0"
+mkswap /dev/nbd0 >/dev/null || bye "mkswap"
+swapon /dev/nbd0 || bye "swapon"
+avail=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
+anon=$((avail + 48))
+say "MemAvailable ${avail} MiB with the daemon running: writing ${anon} MiB"
+nbd-mmap anon --size "${anon}M" --seed 5 --passes 0 --wait-file /tmp/verify >/tmp/anon.out 2>&1 &
+w=$!
+while ! grep -q READY /tmp/anon.out; do kill -0 $w 2>/dev/null || break; sleep 0.2; done
+peak=$(awk '$1 == "/dev/nbd0" {print $4}' /proc/swaps)
+touch /tmp/verify
+wait $w
+grep -v READY /tmp/anon.out
+say "swap-used-kb=${peak:-0}"
+swapoff /dev/nbd0 || bye "swapoff"
+nbd-client -d /dev/nbd0 >/dev/null 2>&1
+kill $daemon
+wait $daemon
+say "daemon-exit=$?"
+echo "GUEST-DONE"
+poweroff -f
+INIT
+
+guest_initramfs "$T/initrd.gz" "$T/init" "libs:$NBD_UMEMD"
+say "initramfs ready ($(( $(stat -c %s "$T/initrd.gz") >> 20 )) MiB)"
+rc=0
+guest_boot "$T/initrd.gz" "$T/console.log" "$GUEST_MEM" "umemd.flag=$SWAP_FLAG umemd.export=$EXPORT_MB" 240 || rc=$?
+guest_console_text "$T/console.log" "$T/console.txt"
+grep -aE '^(GUEST|VERDICT|anon)' "$T/console.txt" | sed 's/^/  | /'
+[ "$rc" -eq 0 ] || { tail -n 30 "$T/console.txt" >&2; fail "qemu exit status $rc (124: killed after the time limit)"; }
+! grep -aq '^GUEST FAILED' "$T/console.txt" || fail "the guest's init failed: $(grep -a '^GUEST FAILED' "$T/console.txt")"
+grep -aqx 'GUEST-DONE' "$T/console.txt" || fail "the guest did not get to GUEST-DONE"
+
+val() { sed -n "s/^GUEST $1=\\([-0-9]*\\).*/\\1/p" "$T/console.txt" | head -n 1; }
+grep -aq 'GUEST daemon: .*swap mode: PR_GET_IO_FLUSHER = 1 on 1 event-loop and 4 I/O threads, IO_FLUSHER on all' "$T/console.txt" \
+    || fail "the daemon did not report PR_GET_IO_FLUSHER = 1 on its serving threads"
+! grep -aq 'GUEST daemon: .*warning' "$T/console.txt" || fail "the daemon warned: $(grep -a 'GUEST daemon: .*warning' "$T/console.txt")"
+threads=$(sed -n 's/^GUEST threads=\([0-9]*\) .*/\1/p' "$T/console.txt")
+without=$(sed -n 's/^GUEST threads=[0-9]* without-io-flusher=\([0-9]*\)/\1/p' "$T/console.txt")
+[ "${threads:-0}" -ge 6 ] || fail "only ${threads:-0} daemon threads seen"
+assert_eq "daemon threads without the IO_FLUSHER flags" 0 "$without"
+assert_eq "daemon oom_score_adj" -1000 "$(val oom_score_adj)"
+[ "$(val vmlck-kb)" -ge $((EXPORT_MB * 1024)) ] || fail "VmLck $(val vmlck-kb) kB is smaller than the export"
+grep -aq '^GUEST status .*"swap_mode":true.*"io_flusher":true,"threads_without_io_flusher":0' "$T/console.txt" \
+    || fail "status JSON does not report swap mode with IO_FLUSHER on every thread"
+grep -aq '^VERDICT anon ok' "$T/console.txt" || fail "no 'VERDICT anon ok'"
+[ "$(val swap-used-kb)" -gt $((16 * 1024)) ] || fail "the guest swapped only $(val swap-used-kb) kB to the daemon"
+assert_eq "daemon exit status after SIGTERM" 0 "$(val daemon-exit)"
+d=$(($(date +%s%N) - T0))
+say "threads $threads all with IO_FLUSHER; swap used $(val swap-used-kb) kB; elapsed $((d / 1000000000)) s"
+pass
