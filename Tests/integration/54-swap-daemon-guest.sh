@@ -2,11 +2,13 @@
 # nbd-umemd serve --swap in the reclaim path of a real kernel: inside a QEMU TCG guest (this host
 # grants no CAP_SYS_RESOURCE and has no nbd.ko), the daemon serves a --memory export on a Unix
 # socket, the guest kernel's own nbd client swaps to it (nbd-client -unix ... -swap), and a process
-# writes and verifies more anonymous memory than the guest has left. The production layout.
+# writes and verifies 160 MiB from a 64 MiB memory cgroup. The production layout.
 # Checks, from inside the guest: PR_GET_IO_FLUSHER = 1 reported by the daemon for its event-loop and
 # I/O threads, the IO_FLUSHER task flag (PF_MEMALLOC_NOIO) on every thread in /proc/PID/task/*/stat,
 # oom_score_adj -1000, VmLck larger than the export, status JSON agreeing, swap really used, the data
-# verified, and a clean exit after swapoff.
+# verified, and a clean exit after swapoff. Swap is set up and taken down with the wiring scripts
+# (scripts/swap-on, swap-off: the real nbd-client path of scripts/attach), and swap-on must refuse a
+# daemon started without --swap.
 # Knob for checking that the test can fail: KGUEST_SWAP_FLAG= (empty: the daemon runs without --swap).
 . "$(dirname "$0")/lib.sh"
 # shellcheck source=../../scripts/lib/guest.sh
@@ -23,7 +25,7 @@ cat >"$T/init" <<'INIT'
 #!/bin/sh
 # /init of the 54-swap-daemon-guest VM (busybox). Lines the host checks start with "GUEST" or "VERDICT".
 . /lib/guest-init.sh   # PATH, /dev, /proc, /sys, say
-bye() { say "FAILED: $*"; [ -f /run/d.log ] && sed 's/^/GUEST daemon: /' /run/d.log; poweroff -f; sleep 60; }
+bye() { say "FAILED: $*"; for f in /run/d.log /tmp/refuse.out; do [ -f $f ] && sed "s|^|GUEST $f: |" $f; done; poweroff -f; sleep 60; }
 for w in $(cat /proc/cmdline); do
     case "$w" in
     umemd.flag=*) FLAG=${w#*=} ;;
@@ -57,22 +59,41 @@ say "threads=$n without-io-flusher=$bad"
 say "oom_score_adj=$(cat /proc/$daemon/oom_score_adj)"
 say "vmlck-kb=$(awk '/^VmLck:/ {print $2}' /proc/$daemon/status)"
 
-nbd-client -unix /run/s.sock /dev/nbd0 -b 4096 -swap || bye "nbd-client -unix /run/s.sock /dev/nbd0"
-mkswap /dev/nbd0 >/dev/null || bye "mkswap"
-swapon /dev/nbd0 || bye "swapon"
-avail=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
-anon=$((avail + 48))
-say "MemAvailable ${avail} MiB with the daemon running: writing ${anon} MiB"
-nbd-mmap anon --size "${anon}M" --seed 5 --passes 0 --wait-file /tmp/verify >/tmp/anon.out 2>&1 &
+# swap-on must refuse a daemon that was not started with --swap (its memory is not locked)
+nbd-umemd serve --memory 16M --unix /run/plain.sock --pidfile /run/plain.pid 2>/dev/null &
+plain=$!
+while [ ! -s /run/plain.pid ]; do sleep 0.1; done
+if /scripts/swap-on --unix /run/plain.sock >/tmp/refuse.out 2>&1; then bye "swap-on accepted a daemon without --swap"; fi
+say "swap-on refused: $(grep -o 'refusing: .*' /tmp/refuse.out | head -n 1)"
+[ -z "$(ls /run/nbd-umemd/attached 2>/dev/null)" ] || bye "the refused swap-on left a device attached"
+kill $plain
+
+# the wiring scripts, on the kernel's own nbd driver: attach (nbd-client -b 4096 -persist -swap),
+# mkswap, swapon
+dev=$(/scripts/swap-on --unix /run/s.sock --priority 5) || bye "scripts/swap-on"
+. /run/nbd-umemd/attached/$(basename "$dev")
+say "swap-on: $dev method=$METHOD block-size=$(cat /sys/block/$(basename "$dev")/queue/logical_block_size) $(awk -v d="$dev" '$1 == d {print "priority=" $5}' /proc/swaps)"
+# The workload runs in a memory cgroup limited to 64 MiB, as it should in production: its reclaim
+# swaps its own pages out while the daemon (outside the cgroup) still finds free memory for the
+# socket buffers of its replies. (Without a cgroup, a workload that exhausts the whole machine can
+# deadlock any user-space swap server: the kernel waits for the reply, the reply needs a socket
+# buffer, the buffer needs free memory. Seen here in 6 of 24 runs.)
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup || bye "mount cgroup2"
+echo +memory >/sys/fs/cgroup/cgroup.subtree_control || bye "enable the memory controller"
+mkdir /sys/fs/cgroup/work && echo 64M >/sys/fs/cgroup/work/memory.max || bye "create the workload cgroup"
+say "MemAvailable $(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo) MiB with the daemon running; the workload writes 160 MiB in a 64 MiB cgroup"
+sh -c 'echo $$ >/sys/fs/cgroup/work/cgroup.procs && exec nbd-mmap anon --size 160M --seed 5 --passes 0 --wait-file /tmp/verify' >/tmp/anon.out 2>&1 &
 w=$!
 while ! grep -q READY /tmp/anon.out; do kill -0 $w 2>/dev/null || break; sleep 0.2; done
-peak=$(awk '$1 == "/dev/nbd0" {print $4}' /proc/swaps)
+peak=$(awk -v d="$dev" '$1 == d {print $4}' /proc/swaps)
 touch /tmp/verify
 wait $w
 grep -v READY /tmp/anon.out
-say "swap-used-kb=${peak:-0}"
-swapoff /dev/nbd0 || bye "swapoff"
-nbd-client -d /dev/nbd0 >/dev/null 2>&1
+say "swap-used-kb=${peak:-0} cgroup-peak-kb=$(( $(cat /sys/fs/cgroup/work/memory.peak 2>/dev/null || echo 0) / 1024 ))"
+/scripts/swap-off "$dev" || bye "scripts/swap-off $dev"
+grep -q "^$dev " /proc/swaps && bye "$dev still active swap after swap-off"
+[ -e /sys/block/$(basename "$dev")/pid ] && bye "$dev still connected after swap-off"
+say "swap-off: $dev detached; detach --all says: $(/scripts/detach --all 2>&1)"
 kill $daemon
 wait $daemon
 say "daemon-exit=$?"
@@ -80,7 +101,8 @@ echo "GUEST-DONE"
 poweroff -f
 INIT
 
-guest_initramfs "$T/initrd.gz" "$T/init" "libs:$NBD_UMEMD"
+guest_initramfs "$T/initrd.gz" "$T/init" "libs:$NBD_UMEMD" "libs:$(command -v bash)" "libs:$(command -v nbdinfo)" "libs:$(command -v swapon)" \
+    "tree:$ROOT/scripts:/scripts"
 say "initramfs ready ($(( $(stat -c %s "$T/initrd.gz") >> 20 )) MiB)"
 rc=0
 guest_boot "$T/initrd.gz" "$T/console.log" "$GUEST_MEM" "umemd.flag=$SWAP_FLAG umemd.export=$EXPORT_MB" 240 || rc=$?
@@ -103,8 +125,14 @@ assert_eq "daemon oom_score_adj" -1000 "$(val oom_score_adj)"
 grep -aq '^GUEST status .*"swap_mode":true.*"io_flusher":true,"threads_without_io_flusher":0' "$T/console.txt" \
     || fail "status JSON does not report swap mode with IO_FLUSHER on every thread"
 grep -aq '^VERDICT anon ok' "$T/console.txt" || fail "no 'VERDICT anon ok'"
-[ "$(val swap-used-kb)" -gt $((16 * 1024)) ] || fail "the guest swapped only $(val swap-used-kb) kB to the daemon"
+[ "$(val swap-used-kb)" -gt $((80 * 1024)) ] || fail "the guest swapped only $(val swap-used-kb) kB to the daemon (160 MiB in a 64 MiB cgroup)"
 assert_eq "daemon exit status after SIGTERM" 0 "$(val daemon-exit)"
+grep -aq '^GUEST swap-on refused: refusing: nbd-umemd (pid [0-9]*) serving .* was not started with --swap' "$T/console.txt" \
+    || fail "scripts/swap-on did not refuse the daemon without --swap"
+grep -aq '^GUEST swap-on: /dev/nbd0 method=nbd block-size=4096 priority=5' "$T/console.txt" \
+    || fail "scripts/swap-on did not attach /dev/nbd0 with nbd-client -b 4096 and swap priority 5"
+grep -aq '^GUEST swap-off: /dev/nbd0 detached; detach --all says: .*nothing attached' "$T/console.txt" \
+    || fail "scripts/swap-off did not detach cleanly"
 d=$(($(date +%s%N) - T0))
 say "threads $threads all with IO_FLUSHER; swap used $(val swap-used-kb) kB; elapsed $((d / 1000000000)) s"
 pass

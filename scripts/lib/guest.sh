@@ -216,7 +216,8 @@ PREAMBLE
 # guest_initramfs OUT INIT [EXTRA...]: writes the initramfs OUT (gzip'd cpio): the cached base, plus
 # INIT as /init (it should start with `. /lib/guest-init.sh`), the static nbd-mmap tool as /bin/nbd-mmap, and each EXTRA file as /bin/BASENAME.
 # An EXTRA written as libs:PATH is a dynamically linked program: it goes in stripped, as
-# /bin/BASENAME, with every library `ldd` lists (e.g. libs:$NBD_UMEMD; about 25 MB compressed).
+# /bin/BASENAME, with every library `ldd` lists (e.g. libs:$NBD_UMEMD; about 25 MB compressed), and
+# one written as tree:DIR:DEST is the directory DIR copied to DEST (e.g. tree:$ROOT/scripts:/scripts).
 # Needs guest_kit first.
 guest_initramfs() {
     local out=$1 init=$2; shift 2
@@ -240,6 +241,10 @@ guest_initramfs() {
             _guest_copy_with_libs "$f" "$d"
             mv "$d$f" "$d/bin/$(basename "$f")" || die "cannot place $f"
             strip "$d/bin/$(basename "$f")" 2>/dev/null || true
+            ;;
+        tree:*)
+            local spec=${f#tree:}
+            mkdir -p "$d$(dirname "${spec#*:}")" && cp -a "${spec%%:*}" "$d${spec#*:}" || die "cannot copy $spec"
             ;;
         *) install -m 755 "$f" "$d/bin/$(basename "$f")" || die "cannot copy $f" ;;
         esac

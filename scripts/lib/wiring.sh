@@ -20,7 +20,7 @@ REQUIRE_SOCKET=1   # detach and swap-off name sockets whose daemon may be gone: 
 parse_server_option() {
     case "$1" in
         --unix) [ "$REQUIRE_SOCKET" = 0 ] || [ -S "$2" ] || die "--unix $2: no such socket (is nbd-umemd serve --unix $2 running?)"
-                SERVER="unix:$(realpath -m "$2")" ;;
+                SERVER="unix:$(realpath "$2" 2>/dev/null || realpath -m "$2" 2>/dev/null || echo "$2")" ;;
         --tcp) [[ "$2" == *:* ]] || die "--tcp wants HOST:PORT, got '$2'"
                SERVER="tcp:$2" ;;
         --export) EXPORT=$2 ;;
@@ -40,14 +40,27 @@ server_uri() {
     esac
 }
 
-# server_pid: the pid of the process listening on SERVER (empty when it cannot be found).
+# server_pid: the pid of the process listening on SERVER (empty when it cannot be found). A Unix
+# socket is looked up in /proc/net/unix and the processes' fd links, so no tool is needed for it.
 server_pid() {
-    local line
     case "$SERVER" in
-        unix:*) line=$(ss -xlpnH src "${SERVER#unix:}" 2>/dev/null | head -n 1) ;;
-        tcp:*) line=$(ss -tlpnH "sport = :${SERVER##*:}" 2>/dev/null | head -n 1) ;;
+        unix:*)
+            local path=${SERVER#unix:} inode fd
+            # listening sockets (state 01 = unconnected, flags 00010000 = __SO_ACCEPTCON)
+            inode=$(awk -v p="$path" '$NF == p && $4 == "00010000" { print $7; exit }' /proc/net/unix)
+            [ -n "$inode" ] || return 0
+            for fd in /proc/[0-9]*/fd/*; do
+                if [ "$(readlink "$fd" 2>/dev/null)" = "socket:[$inode]" ]; then
+                    fd=${fd#/proc/}
+                    echo "${fd%%/*}"
+                    return 0
+                fi
+            done
+            ;;
+        tcp:*)
+            ss -tlpnH "sport = :${SERVER##*:}" 2>/dev/null | sed -nE 's/.*pid=([0-9]+).*/\1/p' | head -n 1
+            ;;
     esac
-    sed -nE 's/.*pid=([0-9]+).*/\1/p' <<<"$line" | head -n 1
 }
 
 # ---- state files ---------------------------------------------------------------------------------
@@ -141,16 +154,17 @@ free_nbd_device() {
     return 1
 }
 
-# attach_nbd SWAP TIMEOUT [DEVICE]: connects a /dev/nbdN with nbd-client; sets DEVICE.
+# attach_nbd SWAP TIMEOUT PERSIST [DEVICE]: connects a /dev/nbdN with nbd-client; sets DEVICE.
 attach_nbd() {
-    local swap=$1 timeout=$2 dev=${3:-}
+    local swap=$1 timeout=$2 persist=$3 dev=${4:-}
     [ -n "$dev" ] || dev=$(free_nbd_device) || die "no free /dev/nbdN (all connected; modprobe nbd nbds_max=N for more)"
     local args=()
     case "$SERVER" in
         unix:*) args=(-unix "${SERVER#unix:}" "$dev") ;;
         tcp:*) local hp=${SERVER#tcp:}; args=("${hp%:*}" "${hp##*:}" "$dev") ;;
     esac
-    args+=(-b 4096 -persist)
+    args+=(-b 4096)
+    [ "$persist" = 1 ] && args+=(-persist)
     [ -n "$EXPORT" ] && args+=(-N "$EXPORT")
     [ "$swap" = 1 ] && args+=(-swap)
     [ -n "$timeout" ] && args+=(-timeout "$timeout")
@@ -251,6 +265,7 @@ swap_safety_problem() {
         return 0
     fi
     for f in "/proc/$pid"/fd/*; do
+        case "${f##*/}" in 0|1|2) continue ;; esac   # stdin/stdout/stderr: a log, not served data
         target=$(readlink "$f" 2>/dev/null) || continue
         [ -f "$target" ] || continue
         if [ "$(stat -f -c %T "$target" 2>/dev/null)" = tmpfs ]; then
