@@ -4,7 +4,8 @@
 # limited to 64 MiB writes and verifies 256 MiB, so at least 192 MiB must go through the device.
 # Checks: the daemon's swap mode (locked memory; IO_FLUSHER and oom_score_adj where the machine
 # grants CAP_SYS_RESOURCE, a clear warning where it does not), the workload's verdict, the peak
-# use of the device in /proc/swaps, and the bytes the daemon really received.
+# use of the device in /proc/swaps, and the bytes the daemon really received; and the warning of a
+# --swap daemon that itself runs inside a limited memory cgroup.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/wirelib.sh"
 
@@ -58,5 +59,15 @@ assert_alive swapd
 
 "$ROOT/scripts/swap-off" "$dev"
 grep -q "^$dev " /proc/swaps && fail "$dev still in /proc/swaps after swap-off"
+
+# a --swap daemon started inside a limited memory cgroup warns about it; one outside did not
+grep -q 'inside memory cgroup' "$T/swapd.log" && fail "the daemon outside any limited cgroup warned about one"
+cg2=$(w_cgroup daemon $((512 << 20)))
+w_in_cgroup "$cg2" "$NBD_UMEMD" serve --memory 16M --swap --unix "$T/caged.sock" --pidfile "$T/caged.pid" 2>"$T/caged.log" &
+caged=$!
+wait_for_file "$T/caged.pid" 20 || fail "the daemon in a cgroup did not start: $(cat "$T/caged.log")"
+kill "$caged"; wait "$caged" || true
+grep -q "warning.*runs inside memory cgroup /nbd-umemd-it-daemon-$$ limited to 512 MiB" "$T/caged.log" \
+    || fail "no cgroup warning from a --swap daemon inside a 512 MiB cgroup: $(cat "$T/caged.log")"
 stop_server_ok swapd
 pass
