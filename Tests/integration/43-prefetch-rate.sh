@@ -51,7 +51,11 @@ jcheck "$T/s2.json" "max_rate_bps" "j['max_rate_bps'] == $RATE"
 jcheck "$T/s2.json" "prefetch_state at t~6 s" 'j["prefetch_state"] == "running"'
 jcheck "$T/s2.json" "complete at t~6 s (20 MiB/s cannot have pulled $SIZE_MIB MiB yet)" \
     'j["complete"] is False and j["pages"]["absent"] > 0 and j["progress"] < 1.0'
-jcheck "$T/s2.json" "bytes_pulled with no client" 'j["bytes_pulled"] == j["background_bytes"] and j["demand_misses"] == 0'
+# with no client every pulled byte is a background byte; bytes_pulled counts a pull when its data
+# arrives and background_bytes once it is stored, so the background pulls still in flight (at most
+# 4 MiB of them) may be counted in the first only
+jcheck "$T/s2.json" "bytes_pulled with no client" \
+    'j["demand_misses"] == 0 and 0 <= j["bytes_pulled"] - j["background_bytes"] <= 4 << 20'
 
 b1=$(json_get "$T/s1.json" 'j["background_bytes"]')
 b2=$(json_get "$T/s2.json" 'j["background_bytes"]')
