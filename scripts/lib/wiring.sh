@@ -49,13 +49,16 @@ server_pid() {
             # listening sockets (state 01 = unconnected, flags 00010000 = __SO_ACCEPTCON)
             inode=$(awk -v p="$path" '$NF == p && $4 == "00010000" { print $7; exit }' /proc/net/unix)
             [ -n "$inode" ] || return 0
-            for fd in /proc/[0-9]*/fd/*; do
-                if [ "$(readlink "$fd" 2>/dev/null)" = "socket:[$inode]" ]; then
-                    fd=${fd#/proc/}
-                    echo "${fd%%/*}"
-                    return 0
-                fi
-            done
+            fd=$(find /proc/[0-9]*/fd -lname "socket:\[$inode\]" 2>/dev/null | head -n 1)
+            if [ -z "$fd" ]; then   # a find without -lname (busybox): one readlink per descriptor
+                for fd in /proc/[0-9]*/fd/*; do
+                    [ "$(readlink "$fd" 2>/dev/null)" = "socket:[$inode]" ] && break
+                    fd=""
+                done
+            fi
+            [ -n "$fd" ] || return 0
+            fd=${fd#/proc/}
+            echo "${fd%%/*}"
             ;;
         tcp:*)
             ss -tlpnH "sport = :${SERVER##*:}" 2>/dev/null | sed -nE 's/.*pid=([0-9]+).*/\1/p' | head -n 1
