@@ -3,12 +3,23 @@
 # verified data, most of it swapped out to the nbd-umemd device. swap-off must bring every page
 # back (the process verifies all of it afterwards), take the device out of /proc/swaps, and
 # detach cleanly (loop device gone, nbdfuse unmounted and exited, no state left). Then detach and
-# swap-off with nothing attached are clear no-ops.
+# swap-off with nothing attached are clear no-ops. Also: swap-on refuses an export attached as RAM and
+# qemu-ram refuses one in use as swap.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/wirelib.sh"
 
 serve_unix swapd --memory 512M --swap
+# an export attached for something else (RAM) is not turned into swap, and stays attached
+ramdev=$("$ROOT/scripts/attach" --unix "$(sock swapd)")
+out=$("$ROOT/scripts/swap-on" --unix "$(sock swapd)" 2>&1) && fail "swap-on took over $ramdev, attached as RAM"
+grep -q "already attached as $ramdev, not as swap" <<<"$out" || fail "swap-on refused with: $out"
+[ -f "$NBD_UMEMD_STATE_DIR/attached/$(basename "$ramdev")" ] || fail "the refused swap-on detached $ramdev"
+"$ROOT/scripts/detach" "$ramdev"
+
 dev=$("$ROOT/scripts/swap-on" --unix "$(sock swapd)" --priority 32000)
+# and a swap device is not handed to QEMU as RAM
+out=$("$ROOT/scripts/qemu-ram" --unix "$(sock swapd)" --size 32M 2>&1) && fail "qemu-ram used the swap device $dev"
+grep -q "in use as swap" <<<"$out" || fail "qemu-ram refused with: $out"
 . "$NBD_UMEMD_STATE_DIR/attached/$(basename "$dev")"
 fuse_pid=$FUSE_PID fuse_dir=$FUSE_DIR
 say "swap on $dev (nbdfuse pid $fuse_pid)"
