@@ -144,10 +144,11 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             return futures.isEmpty ? nil : EventLoopFuture.andAllSucceed(futures, on: eventLoop)
         }
         let started = NIODeadline.now()
-        let covering = claim(pages, eventLoop: eventLoop).covering
+        let (covering, created) = claim(pages, eventLoop: eventLoop)
         guard let pending = waitStored(covering, eventLoop: eventLoop) else { return nil }
         // Pulls whose data is already here (being stored) are not a miss: nothing waits for the source.
-        guard covering.contains(where: { !$0.hasArrived }) else { return pending }
+        // A pull this call created is one, even if a fast source has answered it already.
+        guard !created.isEmpty || covering.contains(where: { !$0.hasArrived }) else { return pending }
         demandMisses.wrappingIncrement(ordering: .relaxed)
         demandStarted(pages)
         let histogram = missLatency
@@ -311,13 +312,15 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                             early: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer>? {
         let pages = geometry.pages(covering: offset, length: length)
         guard !pages.isEmpty, store.count(of: .absent, in: pages) == UInt64(pages.count) else { return nil }
-        let covering = claim(pages, eventLoop: eventLoop).covering.sorted { $0.pages.lowerBound < $1.pages.lowerBound }
+        let claimed = claim(pages, eventLoop: eventLoop)
+        let covering = claimed.covering.sorted { $0.pages.lowerBound < $1.pages.lowerBound }
         // A page may have been stored between the check and the claim: then take the store path.
         var next = pages.lowerBound
         for p in covering where p.pages.lowerBound <= next { next = max(next, p.pages.upperBound) }
         guard next >= pages.upperBound else { return nil }
-        // Data that has already arrived (being stored) is a hit: nothing waits for the source.
-        let miss = covering.contains { !$0.hasArrived }
+        // Data that has already arrived (being stored) is a hit: nothing waits for the source. A pull
+        // this call created is a miss, even if a fast source has answered it already.
+        let miss = !claimed.created.isEmpty || covering.contains { !$0.hasArrived }
         if miss {
             demandMisses.wrappingIncrement(ordering: .relaxed)
             demandStarted(pages)
