@@ -1,6 +1,6 @@
 import ArgumentParser
 
-struct Prefetch: ParsableCommand {
+struct Prefetch: ControlVerb {
     static let configuration = CommandConfiguration(
         abstract: "Pause or resume a running lazy export's background pull.",
         discussion: """
@@ -13,21 +13,11 @@ struct Prefetch: ParsableCommand {
         """
     )
 
+    static let verb = "prefetch"
+    static let actions = ["pause", "resume"]
+
     @Argument(help: ArgumentHelp("pause or resume", valueName: "action"))
     var action: String
 
-    @Option(name: .long, help: ArgumentHelp("The daemon's control socket (serve --control).", valueName: "path"))
-    var control: String
-
-    func validate() throws {
-        guard action == "pause" || action == "resume" else {
-            throw ValidationError("action must be pause or resume, got '\(action)'")
-        }
-    }
-
-    func run() throws {
-        let reply = try ControlClient.send("prefetch \(action)", to: control)
-        print(reply, terminator: "")
-        if reply.contains("\"error\"") { throw ExitCode(1) }
-    }
+    @OptionGroup var socket: ControlSocket
 }

@@ -70,6 +70,9 @@ struct Serve: ParsableCommand {
     @Flag(name: .long, help: "Show a background-pull progress line (percent, rate, ETA) on stderr; the default when stderr is a terminal.")
     var progress = false
 
+    @Flag(name: .long, help: "Hold every pull from the source (demand misses wait, no background pull, no allocation-map query) until `nbd-umemd gate open --control PATH`: for a live-migration destination, whose source RAM keeps changing until the source VM stops. Needs --control.")
+    var gated = false
+
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
 
@@ -122,9 +125,10 @@ struct Serve: ParsableCommand {
         if Prefetcher.Mode(rawValue: prefetch) == nil {
             throw ValidationError("--prefetch must be off, sequential or adaptive, got '\(prefetch)'")
         }
-        if source == nil && (maxRate != nil || hotList != nil || recordFaults != nil || progress) {
-            throw ValidationError("--max-rate, --hot-list, --record-faults and --progress only apply to --source")
+        if source == nil && (maxRate != nil || hotList != nil || recordFaults != nil || progress || gated) {
+            throw ValidationError("--max-rate, --hot-list, --record-faults, --progress and --gated only apply to --source")
         }
+        if gated && control == nil { throw ValidationError("--gated needs --control PATH (the gate is opened through it)") }
         if maxRate == 0 { throw ValidationError("--max-rate must be greater than zero") }
         if !(1...16).contains(prefetchConnections) { throw ValidationError("--prefetch-connections must be between 1 and 16") }
         if fetchSize < 4096 || fetchSize > 32 << 20 || fetchSize & (fetchSize - 1) != 0 {
@@ -248,7 +252,7 @@ struct Serve: ParsableCommand {
             throw RuntimeFailure("cannot listen: \(error)")
         }
         let control = try startControl(server: server, export: export, prefetcher: prefetcher, group: group, logger: logger)
-        prefetcher?.start()
+        if !gated { prefetcher?.start() }
         let progressLine = prefetcher.flatMap { startProgressLine($0) }
         let info = export.info
         logger.info("serving '\(info.name)' (\(info.size) bytes\(info.readOnly ? ", read-only" : ""))")
@@ -310,13 +314,17 @@ struct Serve: ParsableCommand {
             }
         }
         let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger,
-                               backgroundSource: background)
+                               backgroundSource: background, gated: gated)
         let snap = pages.snapshot()
         logger.info("store \(directory): \(snap.present) present, \(snap.local) local, \(snap.absent) absent pages")
-        do {
-            _ = try runBlocking { try await lazy.markSourceZeros() }
-        } catch {
-            logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
+        if gated {
+            logger.info("gate closed: nothing is pulled from the source until `nbd-umemd gate open`")
+        } else {
+            do {
+                _ = try runBlocking { try await lazy.markSourceZeros() }
+            } catch {
+                logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
+            }
         }
         return lazy
     }
@@ -374,9 +382,12 @@ struct Serve: ParsableCommand {
                 reply.add("prefetch", done ? "done" : (command == "prefetch pause" ? "paused" : "running"))
                 return reply.rendered
             }
+            if command == "gate open" {
+                return openGate(export: export, prefetcher: prefetcher, logger: logger)
+            }
             guard command == "status" else {
                 var e = JSONObject()
-                e.add("error", "unknown command '\(command)' (known: status, prefetch pause, prefetch resume)")
+                e.add("error", "unknown command '\(command)' (known: status, prefetch pause, prefetch resume, gate open)")
                 return e.rendered
             }
             var json = JSONObject()
@@ -405,6 +416,34 @@ struct Serve: ParsableCommand {
             throw RuntimeFailure("cannot open control socket \(control): \(error)")
         }
         return c
+    }
+
+    /// `gate open`: lets pulls reach the source, starts the background pull, then (in the background)
+    /// marks the source's zero extents. Idempotent.
+    private func openGate(export: Export, prefetcher: Prefetcher?, logger: Logger) -> String {
+        var reply = JSONObject()
+        guard let lazy = export.backend as? LazyBackend else {
+            reply.add("error", "not a lazy export: there is no gate")
+            return reply.rendered
+        }
+        let wasGated = lazy.isGated
+        let released = lazy.openGate()
+        if wasGated {
+            logger.info("gate opened: \(released) waiting pulls sent to the source")
+            prefetcher?.start()
+            Task {
+                do {
+                    try await lazy.markSourceZeros()
+                } catch {
+                    logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
+                }
+            }
+        }
+        reply.add("ok", true)
+        reply.add("gate", "open")
+        reply.add("was_closed", wasGated)
+        reply.add("released_pulls", released)
+        return reply.rendered
     }
 
     /// Swap mode: pre-faults an allocator reserve on every serving thread and checks, with

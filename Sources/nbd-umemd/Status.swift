@@ -13,11 +13,39 @@ struct Status: ParsableCommand {
         """
     )
 
-    @Option(name: .long, help: ArgumentHelp("The daemon's control socket (serve --control).", valueName: "path"))
-    var control: String
+    @OptionGroup var socket: ControlSocket
 
     func run() throws {
-        print(try ControlClient.send("status", to: control), terminator: "")
+        print(try ControlClient.send("status", to: socket.control), terminator: "")
+    }
+}
+
+/// The --control option of the subcommands that talk to a running daemon.
+struct ControlSocket: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("The daemon's control socket (serve --control).", valueName: "path"))
+    var control: String
+}
+
+/// A subcommand that sends "VERB ACTION" to a running daemon and prints its JSON reply; exits 1 when
+/// the reply is an error.
+protocol ControlVerb: ParsableCommand {
+    static var verb: String { get }
+    static var actions: [String] { get }
+    var action: String { get }
+    var socket: ControlSocket { get }
+}
+
+extension ControlVerb {
+    func validate() throws {
+        guard Self.actions.contains(action) else {
+            throw ValidationError("action must be \(Self.actions.joined(separator: " or ")), got '\(action)'")
+        }
+    }
+
+    func run() throws {
+        let reply = try ControlClient.send("\(Self.verb) \(action)", to: socket.control)
+        print(reply, terminator: "")
+        if reply.contains("\"error\"") { throw ExitCode(1) }
     }
 }
 

@@ -111,13 +111,13 @@ final class LazyBackendTests: XCTestCase {
     }
 
     func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096,
-                     callsOnArrival: Bool = false,
+                     callsOnArrival: Bool = false, gated: Bool = false,
                      maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight) throws -> (LazyBackend, FakeSource) {
         let bytes = fakeImage(pages: pages, zeroRanges: zeroRanges)
         let source = FakeSource(data: bytes, zeroRanges: zeroRanges, callsOnArrival: callsOnArrival)
         let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
         return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test"),
-                            maxBytesInFlight: maxBytesInFlight), source)
+                            maxBytesInFlight: maxBytesInFlight, gated: gated), source)
     }
 
     func readAll(_ backend: LazyBackend, offset: UInt64, length: Int) throws -> [UInt8] {
@@ -139,6 +139,36 @@ final class LazyBackendTests: XCTestCase {
         XCTAssertEqual(backend.store.state(of: 3), .present)
         XCTAssertEqual(backend.status().demandMisses, 1)
         XCTAssertEqual(backend.status().bytesPulled, 4096)
+    }
+
+    func testGateHoldsEveryPullUntilOpened() throws {
+        let (backend, source) = try makeBackend(pages: 16, gated: true)
+        XCTAssertTrue(backend.isGated)
+        let a = backend.prepare(offset: 3 * 4096, length: 10, forWrite: false, eventLoop: group.next())
+        let b = backend.prepare(offset: 3 * 4096 + 100, length: 10, forWrite: false, eventLoop: group.next())
+        let c = backend.prepare(offset: 9 * 4096, length: 4096, forWrite: false, eventLoop: group.next())
+        let background = backend.startBackground(12 ..< 14, eventLoop: group.next())
+        XCTAssertNotNil(a)
+        XCTAssertNotNil(b)
+        XCTAssertNotNil(c)
+        XCTAssertEqual(background.count, 1)
+        usleep(100_000)
+        XCTAssertTrue(source.readLog.isEmpty, "nothing reaches the source while the gate is closed")
+        XCTAssertEqual(backend.status().pullsAtGate, 3, "two demand pulls (a and b share one) and one background")
+        XCTAssertTrue(backend.status().gated)
+        // a whole-page write needs no pull and is not held
+        XCTAssertNil(backend.prepare(offset: 5 * 4096, length: 4096, forWrite: true, eventLoop: group.next()))
+
+        XCTAssertEqual(backend.openGate(), 3)
+        XCTAssertFalse(backend.isGated)
+        for f in [a, b, c].compactMap({ $0 }) { try f.wait() }
+        for pull in background { try pull.stored.futureResult.wait() }
+        XCTAssertEqual(Set(source.readLog.map(\.0)), [3 * 4096, 9 * 4096, 12 * 4096])
+        XCTAssertEqual(try readAll(backend, offset: 3 * 4096, length: 4096), Array(source.data[3 * 4096 ..< 4 * 4096]))
+        XCTAssertEqual(backend.openGate(), 0, "opening an open gate does nothing")
+        // after opening, misses go straight to the source
+        XCTAssertEqual(try readAll(backend, offset: 7 * 4096, length: 4096), Array(source.data[7 * 4096 ..< 8 * 4096]))
+        XCTAssertEqual(source.readLog.count, 4)
     }
 
     func testConcurrentMissesShareOnePull() throws {

@@ -62,6 +62,8 @@ extension LazyBackend.Status {
         json.add("miss_latency_p99_us", missLatencyP99Microseconds)
         json.add("source_connected", sourceConnected)
         json.add("complete", complete)
+        json.add("gate", gated ? "closed" : "open")
+        json.add("pulls_at_gate", pullsAtGate)
     }
 }
 

@@ -48,6 +48,10 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     private var storing: [Range<UInt64>] = []
 
     private var completionLogged = false
+    /// While true, no pull reaches the source: new pulls wait in `gatedPulls` until `openGate()`
+    /// (a live-migration destination must not read the source's RAM before the source VM stops).
+    private var gated: Bool
+    private var gatedPulls: [Pull] = []
 
     private func isBeingWritten(_ page: UInt64) -> Bool { writing.contains { $0.contains(page) } }
     private func isBeingStored(_ page: UInt64) -> Bool { storing.contains { $0.contains(page) } }
@@ -117,7 +121,8 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
 
     public init(store: PageStore, source: any RemoteSource, fetchSize: UInt64, logger: Logger,
                 maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
-                backgroundSource: (any RemoteSource)? = nil) {
+                backgroundSource: (any RemoteSource)? = nil, gated: Bool = false) {
+        self.gated = gated
         self.maxBytesInFlight = maxBytesInFlight
         self.backgroundSource = backgroundSource
         self.store = store
@@ -235,9 +240,30 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                     page = hi
                 }
             }
+            if gated {
+                gatedPulls += launch
+                launch = []
+            }
         }
         for pull in launch { start(pull) }
         return (waits, created)
+    }
+
+    /// Whether pulls are held back (see `openGate`).
+    public var isGated: Bool { lock.withLock { gated } }
+
+    /// Lets pulls reach the source from now on, and starts the ones that were held back (demand misses
+    /// that have been waiting). Returns how many were held; 0 if the gate was already open.
+    @discardableResult
+    public func openGate() -> Int {
+        let held: [Pull] = lock.withLock {
+            guard gated else { return [] }
+            gated = false
+            defer { gatedPulls = [] }
+            return gatedPulls
+        }
+        for pull in held { start(pull) }
+        return held.count
     }
 
     /// Starts background pulls for the absent pages of `pages` no pull covers yet; returns them.
@@ -500,10 +526,14 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         public var missLatencyP99Microseconds: Double?
         public var sourceConnected: Bool
         public var complete: Bool
+        /// Whether pulls are held back until `openGate()`, and how many demand pulls wait at the gate.
+        public var gated: Bool
+        public var pullsAtGate: Int
     }
 
     public func status() -> Status {
         let pages = store.snapshot()
+        let (isGated, atGate) = lock.withLock { (gated, gatedPulls.count) }
         return Status(
             size: size, pageSize: store.pageSize, pages: pages,
             bytesPulled: bytesPulled.load(ordering: .relaxed),
@@ -512,7 +542,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             missLatencyP50Microseconds: missLatency.percentileMicroseconds(0.5),
             missLatencyP99Microseconds: missLatency.percentileMicroseconds(0.99),
             sourceConnected: source.isConnected,
-            complete: pages.isComplete)
+            complete: pages.isComplete, gated: isGated, pullsAtGate: atGate)
     }
 
     // MARK: zeros from the source's allocation map
