@@ -12,6 +12,13 @@
  *       Maps PATH with MAP_SHARED, writes the pattern into the listed pages, msync(MS_SYNC)s.
  *   nbd-mmap fill PATH --size SIZE --pattern SEED [--page-size N]
  *       Creates (or truncates) the regular file PATH with SIZE bytes of the pattern (an image).
+ *   nbd-mmap work --size SIZE [--seed SEED] [--report-ms MS] [--seconds N]
+ *       A memory workload that never stops verifying: SIZE bytes of private anonymous memory, every
+ *       page holding the pattern of its current generation (word 2). It visits the pages in a fixed
+ *       scattered order, checks each against its expected generation, then rewrites it with the next
+ *       one. Every MS milliseconds (default 500) it prints
+ *       "WORK t=SECONDS ops=TOTAL rate=OPS/S errors=N" (one op = one 4 KiB page verified and
+ *       rewritten); a wrong page prints "WORK-ERROR ...". Runs N seconds (default: forever).
  *   nbd-mmap anon --size SIZE [--seed SEED] [--passes N] [--wait-file PATH]
  *       Writes the pattern into SIZE bytes of private anonymous memory, then verifies it N times
  *       (default 1). With --wait-file it prints "READY", waits until PATH exists and verifies once
@@ -153,8 +160,61 @@ static double now_s(void) {
 struct opts {
     const char *path, *expect_file, *pages, *wait_file;
     int have_seed, shared, all, readahead;
-    uint64_t seed, size, page_size, passes;
+    uint64_t seed, size, page_size, passes, report_ms, seconds;
 };
+
+/* The work pattern: word 0 magic, word 1 page, word 2 generation, the rest a hash of all three. */
+static uint64_t work_word(uint64_t seed, uint64_t page, uint64_t gen, uint64_t word) {
+    if (word == 0) return 0x4e42444d574f524bULL ^ (seed & 0xff);
+    if (word == 1) return page;
+    if (word == 2) return gen;
+    return splitmix64((seed << 40) ^ (page << 12) ^ word ^ (gen * 0x9e3779b97f4a7c15ULL));
+}
+
+static int run_work(struct opts *o) {
+    if (!o->size) usage_error("%s needs --size", "work");
+    size_t ps = o->page_size, npages = o->size / ps, words = ps / 8;
+    uint64_t *mem = mmap(NULL, npages * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *gen = calloc(npages, sizeof *gen);
+    if (mem == MAP_FAILED || !gen) sys_error("mmap", "work memory");
+    for (size_t p = 0; p < npages; p++)
+        for (size_t w = 0; w < words; w++) mem[p * words + w] = work_word(o->seed, p, 0, w);
+    /* a stride coprime with npages visits every page once per round, scattered */
+    size_t stride = npages > 7919 ? 7919 : 1;
+    while (stride > 1 && npages % stride == 0) stride--;
+    double start = now_s(), last = start, report = (o->report_ms ? o->report_ms : 500) / 1000.0;
+    uint64_t ops = 0, last_ops = 0, errors = 0;
+    size_t p = 0;
+    printf("WORK start pages=%zu MiB=%" PRIu64 "\n", npages, o->size >> 20);
+    for (;;) {
+        for (int k = 0; k < 256; k++) {
+            uint64_t *pg = mem + p * words, g = gen[p];
+            for (size_t w = 0; w < words; w++) {
+                if (pg[w] != work_word(o->seed, p, g, w)) {
+                    errors++;
+                    if (errors <= 20)
+                        printf("WORK-ERROR page=%zu word=%zu gen=%" PRIu64 " expected=%016" PRIx64 " got=%016" PRIx64 "\n",
+                               p, w, g, work_word(o->seed, p, g, w), pg[w]);
+                    break;
+                }
+            }
+            g++;
+            for (size_t w = 0; w < words; w++) pg[w] = work_word(o->seed, p, g, w);
+            gen[p] = g;
+            ops++;
+            p = (p + stride) % npages;
+        }
+        double t = now_s();
+        if (t - last >= report) {
+            printf("WORK t=%.2f ops=%" PRIu64 " rate=%.0f errors=%" PRIu64 "\n", t - start, ops, (ops - last_ops) / (t - last), errors);
+            last = t;
+            last_ops = ops;
+            if (o->seconds && t - start >= (double)o->seconds) break;
+        }
+    }
+    printf("VERDICT work %s ops=%" PRIu64 " errors=%" PRIu64 "\n", errors ? "FAIL" : "ok", ops, errors);
+    return errors ? 1 : 0;
+}
 
 static int run_anon(struct opts *o) {
     if (!o->size) usage_error("%s needs --size", "anon");
@@ -287,6 +347,7 @@ static void help(void) {
          "  nbd-mmap write PATH --pattern SEED (--pages LIST | --all) [--page-size N]\n"
          "  nbd-mmap fill PATH --size SIZE --pattern SEED [--page-size N]\n"
          "  nbd-mmap anon --size SIZE [--seed SEED] [--passes N] [--wait-file PATH]\n"
+         "  nbd-mmap work --size SIZE [--seed SEED] [--report-ms MS] [--seconds N]\n"
          "LIST: page indexes and ranges in touch order, e.g. 7,1,6,2,0,5,3,4 or 0-99,200.\n"
          "The last output line starts with 'VERDICT <mode> ok' or 'VERDICT <mode> FAIL'.\n"
          "Exit status: 0 verified, 1 mismatch, 2 usage or system error.");
@@ -301,7 +362,7 @@ int main(int argc, char **argv) {
     mode_name = argv[1];
     struct opts o = {.page_size = 4096, .passes = 1, .seed = 1};
     int i = 2;
-    if (strcmp(mode_name, "anon") != 0) {
+    if (strcmp(mode_name, "anon") != 0 && strcmp(mode_name, "work") != 0) {
         if (argc < 3 || argv[2][0] == '-') usage_error("%s needs a PATH", mode_name);
         o.path = argv[2];
         i = 3;
@@ -323,14 +384,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--page-size")) { NEEDV(); o.page_size = parse_size(v); }
         else if (!strcmp(a, "--passes")) { NEEDV(); o.passes = parse_size(v); }
         else if (!strcmp(a, "--wait-file")) { NEEDV(); o.wait_file = v; }
+        else if (!strcmp(a, "--report-ms")) { NEEDV(); o.report_ms = parse_size(v); }
+        else if (!strcmp(a, "--seconds")) { NEEDV(); o.seconds = parse_size(v); }
         else usage_error("unknown option %s", a);
 #undef NEEDV
     }
     if (o.page_size < 16 || o.page_size % 8) usage_error("bad --page-size %s", "(must be a multiple of 8, at least 16)");
     if (!strcmp(mode_name, "anon")) return run_anon(&o);
+    if (!strcmp(mode_name, "work")) return run_work(&o);
     if (!strcmp(mode_name, "fill")) return run_fill(&o);
     if (!strcmp(mode_name, "check")) return run_map(&o, 0);
     if (!strcmp(mode_name, "write")) return run_map(&o, 1);
-    usage_error("unknown mode %s (check, write, fill, anon)", mode_name);
+    usage_error("unknown mode %s (check, write, fill, anon, work)", mode_name);
     return 2;
 }
