@@ -1,0 +1,142 @@
+#!/usr/bin/python3
+"""QMP (QEMU's JSON monitor protocol) for scripts/migrate-vm: a small client and the switch-over.
+
+    qmp.py migrate SRC.qmp DST.qmp URI [--gate-cmd CMD] [--caps CAP,...] [--postcopy] > report.json
+        Sets the capabilities on both sides, starts `migrate URI` on the source, runs CMD (e.g. the
+        destination daemon's `gate open`) the moment the source reports STOP, waits for the migration
+        to complete and the destination to RESUME, and prints a JSON report with the timings (ms from
+        `migrate`) and QEMU's own figures (total-time, downtime, bytes transferred).
+    qmp.py cmd SOCK COMMAND [JSON-ARGS]    one command, its return value printed as JSON
+"""
+import json
+import socket
+import subprocess
+import sys
+import time
+
+
+class QMP:
+    def __init__(self, path, timeout=30.0):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > deadline:
+                    raise RuntimeError("no QMP socket at %s after %.0f s" % (path, timeout))
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rwb", buffering=0)
+        self.events = []
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        line = self.file.readline()
+        if not line:
+            raise RuntimeError("QMP connection closed")
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                msg["host_time"] = time.time()
+                self.events.append(msg)
+                continue
+            if "error" in msg:
+                raise RuntimeError("QMP %s: %s" % (name, msg["error"].get("desc", msg["error"])))
+            return msg.get("return")
+
+    def wait_event(self, names, timeout):
+        deadline = time.time() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] in names:
+                    return self.events.pop(i)
+            left = deadline - time.time()
+            if left <= 0:
+                raise RuntimeError("no %s event within %.0f s" % ("/".join(names), timeout))
+            self.sock.settimeout(left)
+            try:
+                msg = self._read()
+            except socket.timeout:
+                continue
+            finally:
+                self.sock.settimeout(None)
+            msg["host_time"] = time.time()
+            self.events.append(msg)
+
+
+def migrate(src_path, dst_path, uri, gate_cmd=None, caps=("x-ignore-shared",), postcopy=False):
+    src, dst = QMP(src_path), QMP(dst_path)
+    for q in (src, dst):
+        q.cmd("migrate-set-capabilities",
+              capabilities=[{"capability": c, "state": True} for c in caps if c])
+    report = {"uri": uri, "capabilities": [c for c in caps if c]}
+    t0 = time.time()
+    src.cmd("migrate", uri=uri)
+    if postcopy:
+        src.cmd("migrate-start-postcopy")
+    stop = src.wait_event(["STOP"], 600)
+    report["source_stop_ms"] = round((stop["host_time"] - t0) * 1000, 1)
+    if gate_cmd:
+        out = subprocess.run(gate_cmd, shell=True, capture_output=True, text=True)
+        report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
+        if out.returncode != 0:
+            raise RuntimeError("gate command failed: %s %s" % (out.stdout, out.stderr))
+    while True:
+        info = src.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.02)
+    report["status"] = info.get("status")
+    if info.get("status") != "completed":
+        report["error"] = info.get("error-desc", "migration " + str(info.get("status")))
+        return report
+    resume = dst.wait_event(["RESUME"], 600)
+    report["destination_resume_ms"] = round((resume["host_time"] - t0) * 1000, 1)
+    report["qemu_total_time_ms"] = info.get("total-time")
+    report["qemu_downtime_ms"] = info.get("downtime")
+    ram = info.get("ram", {})
+    report["qemu_ram_transferred_bytes"] = ram.get("transferred")
+    report["migrate_started_at"] = t0
+    report["destination_status"] = dst.cmd("query-status").get("status")
+    return report
+
+
+def main(argv):
+    if len(argv) >= 5 and argv[1] == "migrate":
+        gate, caps, postcopy = None, ["x-ignore-shared"], False
+        rest = argv[5:]
+        while rest:
+            a = rest.pop(0)
+            if a == "--gate-cmd":
+                gate = rest.pop(0)
+            elif a == "--caps":
+                caps = [c for c in rest.pop(0).split(",") if c]
+            elif a == "--postcopy":
+                postcopy = True
+            else:
+                sys.exit("qmp.py: unknown option %s" % a)
+        try:
+            report = migrate(argv[2], argv[3], argv[4], gate, caps, postcopy)
+        except RuntimeError as e:
+            report = {"status": "error", "error": str(e)}
+        print(json.dumps(report))
+        return 0 if report.get("status") == "completed" else 1
+    if len(argv) >= 4 and argv[1] == "cmd":
+        args = json.loads(argv[4]) if len(argv) > 4 else {}
+        try:
+            print(json.dumps(QMP(argv[2], timeout=5).cmd(argv[3], **args)))
+        except RuntimeError as e:
+            sys.exit("qmp.py: %s" % e)
+        return 0
+    sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
