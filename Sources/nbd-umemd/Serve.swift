@@ -320,13 +320,19 @@ struct Serve: ParsableCommand {
         if gated {
             logger.info("gate closed: nothing is pulled from the source until `nbd-umemd gate open`")
         } else {
-            do {
-                _ = try runBlocking { try await lazy.markSourceZeros() }
-            } catch {
-                logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
-            }
+            _ = try? runBlocking { await Self.markSourceZeros(lazy, logger: logger) }
         }
         return lazy
+    }
+
+    /// Marks the pages the source reports as zero present without transfer; a source that cannot
+    /// say costs only a warning (those pages are then pulled like any other).
+    private static func markSourceZeros(_ lazy: LazyBackend, logger: Logger) async {
+        do {
+            try await lazy.markSourceZeros()
+        } catch {
+            logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
+        }
     }
 
     /// The lazy export's background puller, configured from the options (not started yet).
@@ -431,13 +437,7 @@ struct Serve: ParsableCommand {
         if wasGated {
             logger.info("gate opened: \(released) waiting pulls sent to the source")
             prefetcher?.start()
-            Task {
-                do {
-                    try await lazy.markSourceZeros()
-                } catch {
-                    logger.warning("could not read the source's allocation map (\(error)); zero pages will be pulled")
-                }
-            }
+            Task { await Self.markSourceZeros(lazy, logger: logger) }
         }
         reply.add("ok", true)
         reply.add("gate", "open")

@@ -12,7 +12,7 @@
 serve_unix swapd --memory 512M --swap --control "$T/swapd.ctl"
 pid=${SRV_PID[swapd]}
 grep -q 'swap mode:' "$T/swapd.log" || fail "no 'swap mode:' line in the daemon log"
-locked=$(awk '/^VmLck:/ { print $2 }' "/proc/$pid/status")
+locked=$(locked_kib "$pid")
 [ "$locked" -ge $((512 * 1024)) ] || fail "serve --memory 512M --swap locked only $locked KiB"
 tmo 20 "$NBD_UMEMD" status --control "$T/swapd.ctl" >"$T/status.json"
 assert_eq "status swap_mode" true "$(json_get "$T/status.json" 'j["swap_mode"]')"
@@ -40,7 +40,7 @@ w_in_cgroup "$cg" "$NBD_MMAP" anon --size 256M --passes 2 >"$T/work.out" 2>&1 &
 work=$!
 peak=0
 while kill -0 "$work" 2>/dev/null; do
-    used=$(w_swap_used "$dev")
+    used=$(swap_used_kib "$dev")
     [ "$used" -gt "$peak" ] && peak=$used
     sleep 0.1
 done

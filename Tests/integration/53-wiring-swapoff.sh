@@ -33,7 +33,7 @@ for ((i = 0; i < 600; i++)); do
     sleep 0.1
 done
 grep -q '^READY' "$T/work.out" || fail "the workload was not READY within 60 s"
-used=$(w_swap_used "$dev")
+used=$(swap_used_kib "$dev")
 say "before swap-off: $used KiB in use on $dev"
 [ "$used" -ge $((150 * 1024)) ] || fail "only $used KiB swapped out to $dev; the test needs the device in use"
 

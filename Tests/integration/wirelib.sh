@@ -5,6 +5,8 @@
 build_mmap_tool
 # the wiring scripts keep their state here, not in /run, so a test never sees another's devices
 export NBD_UMEMD_STATE_DIR="$T/state"
+# shellcheck source=../../scripts/lib/wiring.sh
+. "$ROOT/scripts/lib/wiring.sh"   # swap_used_kib, locked_kib
 # before the daemons stop: swap off and detach whatever is still attached (swap on a device whose
 # daemon is gone would take the swapped pages of every process with it)
 PRE_STOP_CMDS+=("'$ROOT/scripts/swap-off' --all; '$ROOT/scripts/detach' --all")
@@ -26,8 +28,6 @@ w_in_cgroup() {
     sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' w_in_cgroup "$dir" "$@"
 }
 
-# w_swap_used DEVICE: KiB of swap in use on DEVICE (0 when it is not active swap).
-w_swap_used() { awk -v d="$1" '$1 == d { print $4; f = 1 } END { if (!f) print 0 }' /proc/swaps; }
 
 # w_has_cap_sys_resource: whether this process has CAP_SYS_RESOURCE (needed for PR_SET_IO_FLUSHER
 # and a negative oom_score_adj).

@@ -82,15 +82,21 @@ stop_pid() {
     done
 }
 
+# _build_c SOURCE OUTPUT GCC-ARGS...: compiles SOURCE (under scripts/) into OUTPUT when OUTPUT is
+# missing or older than SOURCE.
+_build_c() {
+    local src=$1 out=$2; shift 2
+    if [ ! -f "$out" ] || [ "$src" -nt "$out" ]; then
+        mkdir -p "$(dirname "$out")"
+        gcc -O2 -Wall "$@" -o "$out.tmp" "$src" && mv "$out.tmp" "$out" || die "cannot build $out (needs gcc and libc6-dev)"
+    fi
+}
+
 # build_mlock_preload: compiles scripts/mlock-preload.c into .build/libnbd-umemd-mlock.so (an
 # LD_PRELOAD library that mlockall()s the process) and sets NBD_MLOCK_PRELOAD to its path.
 build_mlock_preload() {
     NBD_MLOCK_PRELOAD="$ROOT/.build/libnbd-umemd-mlock.so"
-    if [ ! -f "$NBD_MLOCK_PRELOAD" ] || [ "$ROOT/scripts/mlock-preload.c" -nt "$NBD_MLOCK_PRELOAD" ]; then
-        mkdir -p "$ROOT/.build"
-        gcc -O2 -Wall -shared -fPIC -o "$NBD_MLOCK_PRELOAD.tmp" "$ROOT/scripts/mlock-preload.c" \
-            && mv "$NBD_MLOCK_PRELOAD.tmp" "$NBD_MLOCK_PRELOAD" || die "cannot build $NBD_MLOCK_PRELOAD (needs gcc)"
-    fi
+    _build_c "$ROOT/scripts/mlock-preload.c" "$NBD_MLOCK_PRELOAD" -shared -fPIC
 }
 
 # build_mmap_tool: compiles scripts/nbd-mmap.c (static, so it also runs in the test VM's busybox
@@ -98,9 +104,5 @@ build_mlock_preload() {
 build_mmap_tool() {
     NBD_MMAP="$ROOT/.build/nbd-mmap"
     export NBD_MMAP
-    if [ ! -x "$NBD_MMAP" ] || [ "$ROOT/scripts/nbd-mmap.c" -nt "$NBD_MMAP" ]; then
-        mkdir -p "$ROOT/.build"
-        gcc -O2 -Wall -Wextra -static -o "$NBD_MMAP.tmp" "$ROOT/scripts/nbd-mmap.c" \
-            && mv "$NBD_MMAP.tmp" "$NBD_MMAP" || die "cannot build $NBD_MMAP (needs gcc and libc6-dev)"
-    fi
+    _build_c "$ROOT/scripts/nbd-mmap.c" "$NBD_MMAP" -Wextra -static
 }

@@ -121,6 +121,9 @@ device_alive() {
       esac )
 }
 
+# locked_kib PID: VmLck of process PID in KiB (0 when it cannot be read).
+locked_kib() { awk '/^VmLck:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
 is_swap_active() { awk 'NR > 1 { print $1 }' /proc/swaps | grep -qxF "$1"; }
 
 # swap_used_kib DEVICE: the Used column of /proc/swaps for DEVICE (0 when not active).
@@ -262,7 +265,7 @@ swap_safety_problem() {
         echo "$(server_uri) is served by $comm (pid $pid), not by nbd-umemd --swap: its memory is not locked and could be swapped out to the device it serves"
         return 0
     fi
-    locked=$(awk '/^VmLck:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+    locked=$(locked_kib "$pid")
     if [ "${locked:-0}" -eq 0 ]; then
         echo "nbd-umemd (pid $pid) serving $(server_uri) was not started with --swap: its memory could be swapped out to the device it serves (restart it with --swap)"
         return 0
@@ -276,6 +279,39 @@ swap_safety_problem() {
             return 0
         fi
     done
+}
+
+# parse_targets ARGS...: the command line of detach and swap-off (DEVICE... | --unix/--tcp/--export |
+# --all); sets TARGETS (devices named) and ALL_TARGETS. Calls the script's `usage` for --help.
+parse_targets() {
+    TARGETS=() ALL_TARGETS=0
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            -h|--help) usage; exit 0 ;;
+            --all) ALL_TARGETS=1; shift ;;
+            --unix|--tcp|--export) [ $# -ge 2 ] || die "$1 needs a value"; parse_server_option "$1" "$2"; shift 2 ;;
+            -*) die "unknown option $1 (see --help)" ;;
+            *) TARGETS+=("$(resolve_device "$1")"); shift ;;
+        esac
+    done
+}
+
+# resolve_targets: adds the devices --all or --unix/--tcp select to TARGETS; with none at all, says
+# there is nothing to do and exits 0 (usage and exit 2 when nothing was named).
+resolve_targets() {
+    local d
+    if [ "$ALL_TARGETS" = 1 ]; then
+        for d in $(attached_devices); do TARGETS+=("$d"); done
+    elif [ -n "$SERVER" ]; then
+        d=$(device_for_server "$SERVER" "$EXPORT")
+        [ -n "$d" ] && TARGETS+=("$d")
+    elif [ ${#TARGETS[@]} -eq 0 ]; then
+        usage >&2; exit 2
+    fi
+    if [ ${#TARGETS[@]} -eq 0 ]; then
+        log "nothing attached${SERVER:+ for $(server_uri)}: nothing to do"
+        exit 0
+    fi
 }
 
 # resolve_device ARG: a device given as /dev/X or X, or the device of --unix/--tcp.
