@@ -477,7 +477,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                  offset: request.offset, nonBlocking: true)
             }
             if done == length {
-                send(reply, context)
+                send(Self.zeroHoles(reply, request, structured: structured), context)
                 return
             }
         } catch {
@@ -493,8 +493,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 try backend.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]),
                                  offset: request.offset, nonBlocking: false)
             }
-            return b
+            return Self.zeroHoles(b, request, structured: structured)
         }
+    }
+
+    /// A complete read reply with its zero blocks sent as holes (structured replies only).
+    private static func zeroHoles(_ reply: ByteBuffer, _ request: NBDRequest, structured: Bool) -> ByteBuffer {
+        guard structured else { return reply }
+        return ZeroRuns.withHoles(reply, headerLength: 28, dataLength: Int(request.length), offset: request.offset,
+                                  cookie: request.cookie, dontFragment: request.flags.contains(.dontFragment))
     }
 
     private func runWrite(_ request: NBDRequest, payload: ByteBuffer, export: Export, context: ChannelHandlerContext) {
