@@ -106,3 +106,10 @@ build_mmap_tool() {
     export NBD_MMAP
     _build_c "$ROOT/scripts/nbd-mmap.c" "$NBD_MMAP" -Wextra -static
 }
+
+# build_no_hugepage: compiles scripts/no-hugepage.c (runs a command with madvise(MADV_HUGEPAGE)
+# failing, see the file) into .build/no-hugepage and sets NBD_NO_HUGEPAGE to its path.
+build_no_hugepage() {
+    NBD_NO_HUGEPAGE="$ROOT/.build/no-hugepage"
+    _build_c "$ROOT/scripts/no-hugepage.c" "$NBD_NO_HUGEPAGE" -Wextra
+}
