@@ -1,14 +1,18 @@
 #!/usr/bin/python3
 """QMP (QEMU's JSON monitor protocol) for scripts/migrate-vm: a small client and the switch-over.
 
-    qmp.py migrate SRC.qmp DST.qmp URI [--gate-cmd CMD] [--caps CAP,...] [--postcopy] > report.json
-        Sets the capabilities on both sides, starts `migrate URI` on the source, runs CMD (e.g. the
-        destination daemon's `gate open`) the moment the source reports STOP, waits for the migration
-        to complete and the destination to RESUME, and prints a JSON report with the timings (ms from
-        `migrate`) and QEMU's own figures (total-time, downtime, bytes transferred).
+    qmp.py migrate SRC.qmp DST.qmp URI [--gate-socket CTL | --gate-cmd CMD] [--caps CAP,...] [--params JSON]
+                   [--postcopy]
+        Sets the capabilities (and migration parameters) on both sides, starts `migrate URI` on the
+        source (then at once `migrate-start-postcopy` with --postcopy), opens the destination
+        daemon's pull gate (`gate open` on its control socket CTL, or runs CMD) the moment the source
+        reports STOP, waits for the migration
+        to complete, and prints a JSON report with the timings (ms from `migrate`: source STOP,
+        destination RESUME, completion) and QEMU's own figures (total-time, downtime, bytes).
     qmp.py cmd SOCK COMMAND [JSON-ARGS]    one command, its return value printed as JSON
 """
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -60,70 +64,122 @@ class QMP:
             left = deadline - time.time()
             if left <= 0:
                 raise RuntimeError("no %s event within %.0f s" % ("/".join(names), timeout))
-            self.sock.settimeout(left)
-            try:
-                msg = self._read()
-            except socket.timeout:
-                continue
-            finally:
-                self.sock.settimeout(None)
+            self.poll(left)
+
+    def poll(self, timeout=0.0):
+        """Reads the events that arrive within `timeout` s (stamped with the time they were read)."""
+        deadline = time.time() + timeout
+        while True:
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                return
+            msg = self._read()
             msg["host_time"] = time.time()
             self.events.append(msg)
+            timeout = 0.0
+            deadline = time.time()
+
+    def event_time(self, name):
+        """The time the first `name` event was read, or None."""
+        for e in self.events:
+            if e["event"] == name:
+                return e["host_time"]
+        return None
 
 
-def migrate(src_path, dst_path, uri, gate_cmd=None, caps=("x-ignore-shared",), postcopy=False):
+def control(path, command):
+    """One command line to an nbd-umemd control socket; its reply."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        s.sendall(command.encode() + b"\n")
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return reply.decode("utf-8", "replace")
+            reply += chunk
+    finally:
+        s.close()
+
+
+def migrate(src_path, dst_path, uri, gate_cmd=None, caps=("x-ignore-shared",), postcopy=False, params=None,
+            gate_socket=None):
     src, dst = QMP(src_path), QMP(dst_path)
     for q in (src, dst):
         q.cmd("migrate-set-capabilities",
               capabilities=[{"capability": c, "state": True} for c in caps if c])
-    report = {"uri": uri, "capabilities": [c for c in caps if c]}
+        if params:
+            q.cmd("migrate-set-parameters", **params)
+    report = {"uri": uri, "capabilities": [c for c in caps if c], "parameters": params or {}}
     t0 = time.time()
+    report["migrate_started_at"] = t0
     src.cmd("migrate", uri=uri)
     if postcopy:
         src.cmd("migrate-start-postcopy")
-    stop = src.wait_event(["STOP"], 600)
+    stop = src.wait_event(["STOP"], 1800)
     report["source_stop_ms"] = round((stop["host_time"] - t0) * 1000, 1)
-    if gate_cmd:
+    if gate_socket:
+        # written straight to the control socket: no process to start while the source completes
+        try:
+            reply = control(gate_socket, "gate open")
+        except OSError as e:
+            raise RuntimeError("gate open on %s failed: %s" % (gate_socket, e))
+        report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
+        if '"error"' in reply:
+            raise RuntimeError("gate open failed: %s" % reply.strip())
+    elif gate_cmd:
         out = subprocess.run(gate_cmd, shell=True, capture_output=True, text=True)
         report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
         if out.returncode != 0:
             raise RuntimeError("gate command failed: %s %s" % (out.stdout, out.stderr))
+    # Poll the source until the migration ends, reading the destination's events as they come (its
+    # RESUME comes long before the end of a post-copy migration).
     while True:
         info = src.cmd("query-migrate")
         if info.get("status") in ("completed", "failed", "cancelled"):
             break
-        time.sleep(0.02)
+        dst.poll(0.02)
+    report["completed_ms"] = round((time.time() - t0) * 1000, 1)
     report["status"] = info.get("status")
     if info.get("status") != "completed":
         report["error"] = info.get("error-desc", "migration " + str(info.get("status")))
         return report
-    resume = dst.wait_event(["RESUME"], 600)
-    report["destination_resume_ms"] = round((resume["host_time"] - t0) * 1000, 1)
+    resumed = dst.event_time("RESUME") or dst.wait_event(["RESUME"], 600)["host_time"]
+    report["destination_resume_ms"] = round((resumed - t0) * 1000, 1)
+    if postcopy:
+        # The destination has all RAM once its own side of the migration completes.
+        while dst.cmd("query-migrate").get("status") not in ("completed", "failed", None):
+            time.sleep(0.01)
+        report["completed_ms"] = round((time.time() - t0) * 1000, 1)
     report["qemu_total_time_ms"] = info.get("total-time")
     report["qemu_downtime_ms"] = info.get("downtime")
     ram = info.get("ram", {})
     report["qemu_ram_transferred_bytes"] = ram.get("transferred")
-    report["migrate_started_at"] = t0
     report["destination_status"] = dst.cmd("query-status").get("status")
     return report
 
 
 def main(argv):
     if len(argv) >= 5 and argv[1] == "migrate":
-        gate, caps, postcopy = None, ["x-ignore-shared"], False
+        gate, caps, postcopy, params, gate_socket = None, ["x-ignore-shared"], False, None, None
         rest = argv[5:]
         while rest:
             a = rest.pop(0)
             if a == "--gate-cmd":
                 gate = rest.pop(0)
+            elif a == "--gate-socket":
+                gate_socket = rest.pop(0)
             elif a == "--caps":
                 caps = [c for c in rest.pop(0).split(",") if c]
+            elif a == "--params":
+                params = json.loads(rest.pop(0))
             elif a == "--postcopy":
                 postcopy = True
             else:
                 sys.exit("qmp.py: unknown option %s" % a)
         try:
-            report = migrate(argv[2], argv[3], argv[4], gate, caps, postcopy)
+            report = migrate(argv[2], argv[3], argv[4], gate, caps, postcopy, params, gate_socket)
         except RuntimeError as e:
             report = {"status": "error", "error": str(e)}
         print(json.dumps(report))
