@@ -87,6 +87,7 @@ stop_pid() {
 _build_c() {
     local src=$1 out=$2; shift 2
     if [ ! -f "$out" ] || [ "$src" -nt "$out" ]; then
+        ensure_packages gcc libc6-dev
         mkdir -p "$(dirname "$out")"
         gcc -O2 -Wall "$@" -o "$out.tmp" "$src" && mv "$out.tmp" "$out" || die "cannot build $out (needs gcc and libc6-dev)"
     fi
