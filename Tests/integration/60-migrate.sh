@@ -8,18 +8,9 @@
 # (--ungated) must show data errors, i.e. the gate is what keeps stale pages out.
 . "$(dirname "$0")/lib.sh"
 
-run_migration() {   # run_migration NAME ARGS...: report JSON in $T/NAME.json
-    local name=$1; shift
-    local rc=0
-    "$ROOT/scripts/migrate-vm" --mem 192 --link-rate 200mbit --dir "$T/$name" --keep-dir "$@" >"$T/$name.out" 2>&1 || rc=$?
-    grep '^\[migrate-vm\]' "$T/$name.out" | sed "s/^/  $name | /"
-    [ "$rc" -eq 0 ] || { tail -n 20 "$T/$name.out" >&2; fail "$name: scripts/migrate-vm exited $rc"; }
-    sed -n 's/^REPORT //p' "$T/$name.out" >"$T/$name.json"
-    [ -s "$T/$name.json" ] || fail "$name: no REPORT line"
-}
 r() { json_get "$T/$1.json" "j[\"$2\"]"; }
 
-run_migration gated --keep 10
+migration gated --mem 192 --link-rate 200mbit --keep 10
 assert_eq "status" '"completed"' "$(r gated status)"
 assert_eq "data errors on the destination" 0 "$(r gated data_errors)"
 [ "$(r gated destination_resume_ms)" != null ] || fail "the destination never resumed"
@@ -33,7 +24,7 @@ grep -q 'every page local after' "$T/gated.out" || fail "no 'every page local' s
 ! pgrep -f "umemd-vm-.*\.ram --readonly" >/dev/null || fail "a source export is still running"
 say "gated: downtime $(r gated downtime_ms) ms, resume $(r gated destination_resume_ms) ms, all local $(r gated all_ram_local_ms) ms, $(r gated bytes_sent) bytes"
 
-run_migration ungated --keep 3 --ungated
+migration ungated --mem 192 --link-rate 200mbit --keep 3 --ungated
 errors=$(r ungated data_errors)
 say "ungated control: $errors data errors"
 [ "$errors" -gt 0 ] || fail "without the gate the guest saw no stale page: this test could not tell the gate works"

@@ -5,13 +5,8 @@
 # verification errors; the destination daemon reports the outage and the recovery.
 . "$(dirname "$0")/lib.sh"
 
-rc=0
-"$ROOT/scripts/migrate-vm" --mem 192 --link-rate 100mbit --source-outage 5@1 --keep 3 --dir "$T/mig" --keep-dir \
-    >"$T/mig.out" 2>&1 || rc=$?
-grep '^\[migrate-vm\]' "$T/mig.out" | sed 's/^/  | /'
-[ "$rc" -eq 0 ] || { tail -n 20 "$T/mig.out" >&2; fail "scripts/migrate-vm exited $rc"; }
-sed -n 's/^REPORT //p' "$T/mig.out" >"$T/r.json"
-r() { json_get "$T/r.json" "j[\"$1\"]"; }
+migration mig --mem 192 --link-rate 100mbit --source-outage 5@1 --keep 3
+r() { json_get "$T/mig.json" "j[\"$1\"]"; }
 assert_eq "status" '"completed"' "$(r status)"
 assert_eq "data errors" 0 "$(r data_errors)"
 grep -q 'source export restarted' "$T/mig.out" || fail "the outage did not happen"

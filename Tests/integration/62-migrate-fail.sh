@@ -4,10 +4,8 @@
 # attached device, no store, no QEMU.
 . "$(dirname "$0")/lib.sh"
 
-rc=0
-"$ROOT/scripts/migrate-vm" --mem 192 --fail-dest --dir "$T/mig" --keep-dir >"$T/mig.out" 2>&1 || rc=$?
-grep '^\[migrate-vm\]' "$T/mig.out" | sed 's/^/  | /'
-[ "$rc" -ne 0 ] || fail "migrate-vm --fail-dest exited 0"
+migrate_vm mig --mem 192 --fail-dest
+[ "$MIG_RC" -ne 0 ] || fail "migrate-vm --fail-dest exited 0"
 grep -q 'error before the switch-over: the destination QEMU exited' "$T/mig.out" || fail "no clear error about the destination QEMU"
 [ -s "$T/mig/report.json" ] || fail "no report.json"
 r() { json_get "$T/mig/report.json" "$1"; }

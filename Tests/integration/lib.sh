@@ -244,6 +244,24 @@ random_file() { head -c "$(($2 * 1048576))" /dev/urandom >"$1"; }
 # prints the result as JSON (so strings come out quoted, booleans as true/false).
 json_get() { "$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); print(json.dumps(eval(sys.argv[2])))' "$1" "$2"; }
 
+# migrate_vm NAME ARGS...: scripts/migrate-vm ARGS with its working directory kept in $T/NAME and
+# its output in $T/NAME.out (its own progress lines are echoed); sets MIG_RC to its exit status.
+migrate_vm() {
+    local name=$1; shift
+    MIG_RC=0
+    "$ROOT/scripts/migrate-vm" --dir "$T/$name" --keep-dir "$@" >"$T/$name.out" 2>&1 || MIG_RC=$?
+    grep '^\[migrate-vm\]' "$T/$name.out" | sed "s/^/  $name | /"
+}
+
+# migration NAME ARGS...: migrate_vm that must succeed; its REPORT (JSON) goes to $T/NAME.json.
+migration() {
+    local name=$1
+    migrate_vm "$@"
+    [ "$MIG_RC" -eq 0 ] || { tail -n 20 "$T/$name.out" >&2; fail "$name: scripts/migrate-vm exited $MIG_RC"; }
+    sed -n 's/^REPORT //p' "$T/$name.out" >"$T/$name.json"
+    [ -s "$T/$name.json" ] || fail "$name: no REPORT line"
+}
+
 # free_port: a currently unused TCP port on 127.0.0.1.
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 

@@ -1,12 +1,11 @@
 #!/usr/bin/python3
 """QMP (QEMU's JSON monitor protocol) for scripts/migrate-vm: a small client and the switch-over.
 
-    qmp.py migrate SRC.qmp DST.qmp URI [--gate-socket CTL | --gate-cmd CMD] [--caps CAP,...] [--params JSON]
-                   [--postcopy]
+    qmp.py migrate SRC.qmp DST.qmp URI [--gate-socket CTL] [--caps CAP,...] [--params JSON] [--postcopy]
         Sets the capabilities (and migration parameters) on both sides, starts `migrate URI` on the
         source (then at once `migrate-start-postcopy` with --postcopy), opens the destination
-        daemon's pull gate (`gate open` on its control socket CTL, or runs CMD) the moment the source
-        reports STOP, waits for the migration
+        daemon's pull gate (`gate open` on its control socket CTL) the moment the source reports STOP,
+        waits for the migration
         to complete, and prints a JSON report with the timings (ms from `migrate`: source STOP,
         destination RESUME, completion) and QEMU's own figures (total-time, downtime, bytes).
     qmp.py cmd SOCK COMMAND [JSON-ARGS]    one command, its return value printed as JSON
@@ -14,7 +13,6 @@
 import json
 import select
 import socket
-import subprocess
 import sys
 import time
 
@@ -103,8 +101,7 @@ def control(path, command):
         s.close()
 
 
-def migrate(src_path, dst_path, uri, gate_cmd=None, caps=("x-ignore-shared",), postcopy=False, params=None,
-            gate_socket=None):
+def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",), postcopy=False, params=None):
     src, dst = QMP(src_path), QMP(dst_path)
     for q in (src, dst):
         q.cmd("migrate-set-capabilities",
@@ -128,11 +125,6 @@ def migrate(src_path, dst_path, uri, gate_cmd=None, caps=("x-ignore-shared",), p
         report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
         if '"error"' in reply:
             raise RuntimeError("gate open failed: %s" % reply.strip())
-    elif gate_cmd:
-        out = subprocess.run(gate_cmd, shell=True, capture_output=True, text=True)
-        report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
-        if out.returncode != 0:
-            raise RuntimeError("gate command failed: %s %s" % (out.stdout, out.stderr))
     # Poll the source until the migration ends, reading the destination's events as they come (its
     # RESUME comes long before the end of a post-copy migration).
     while True:
@@ -162,13 +154,11 @@ def migrate(src_path, dst_path, uri, gate_cmd=None, caps=("x-ignore-shared",), p
 
 def main(argv):
     if len(argv) >= 5 and argv[1] == "migrate":
-        gate, caps, postcopy, params, gate_socket = None, ["x-ignore-shared"], False, None, None
+        caps, postcopy, params, gate_socket = ["x-ignore-shared"], False, None, None
         rest = argv[5:]
         while rest:
             a = rest.pop(0)
-            if a == "--gate-cmd":
-                gate = rest.pop(0)
-            elif a == "--gate-socket":
+            if a == "--gate-socket":
                 gate_socket = rest.pop(0)
             elif a == "--caps":
                 caps = [c for c in rest.pop(0).split(",") if c]
@@ -179,7 +169,7 @@ def main(argv):
             else:
                 sys.exit("qmp.py: unknown option %s" % a)
         try:
-            report = migrate(argv[2], argv[3], argv[4], gate, caps, postcopy, params, gate_socket)
+            report = migrate(argv[2], argv[3], argv[4], gate_socket, caps, postcopy, params)
         except RuntimeError as e:
             report = {"status": "error", "error": str(e)}
         print(json.dumps(report))

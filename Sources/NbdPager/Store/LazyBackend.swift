@@ -149,11 +149,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             return futures.isEmpty ? nil : EventLoopFuture.andAllSucceed(futures, on: eventLoop)
         }
         let started = NIODeadline.now()
-        let (covering, created) = claim(pages, eventLoop: eventLoop)
-        guard let pending = waitStored(covering, eventLoop: eventLoop) else { return nil }
-        // Pulls whose data is already here (being stored) are not a miss: nothing waits for the source.
-        // A pull this call created is one, even if a fast source has answered it already.
-        guard !created.isEmpty || covering.contains(where: { !$0.hasArrived }) else { return pending }
+        let claimed = claim(pages, eventLoop: eventLoop)
+        guard let pending = waitStored(claimed.covering, eventLoop: eventLoop) else { return nil }
+        guard Self.isMiss(claimed) else { return pending }
         demandMisses.wrappingIncrement(ordering: .relaxed)
         demandStarted(pages)
         let histogram = missLatency
@@ -184,6 +182,13 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     /// all the pulls the range waits on (nil when every page is already present or local).
     func ensurePresent(_ pages: Range<UInt64>, eventLoop: any EventLoop) -> EventLoopFuture<Void>? {
         waitStored(claim(pages, eventLoop: eventLoop).covering, eventLoop: eventLoop)
+    }
+
+    /// Whether a read that claimed these pulls is a demand miss. Pulls whose data is already here (being
+    /// stored) are not: nothing waits for the source. A pull the read created is one, even if a fast
+    /// source has answered it already.
+    private static func isMiss(_ claimed: (covering: [Pull], created: [Pull])) -> Bool {
+        !claimed.created.isEmpty || claimed.covering.contains { !$0.hasArrived }
     }
 
     /// A future for when every pull of `waits` is in the store (nil for none).
@@ -344,9 +349,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         var next = pages.lowerBound
         for p in covering where p.pages.lowerBound <= next { next = max(next, p.pages.upperBound) }
         guard next >= pages.upperBound else { return nil }
-        // Data that has already arrived (being stored) is a hit: nothing waits for the source. A pull
-        // this call created is a miss, even if a fast source has answered it already.
-        let miss = !claimed.created.isEmpty || covering.contains { !$0.hasArrived }
+        let miss = Self.isMiss(claimed)
         if miss {
             demandMisses.wrappingIncrement(ordering: .relaxed)
             demandStarted(pages)
