@@ -20,10 +20,13 @@ let package = Package(
             pkgConfig: "libnbd",
             providers: [.apt(["libnbd-dev"])]
         ),
+        // The Linux calls Swift's Glibc module hides (preadv2, fallocate, prctl, ioctl wrappers).
+        .systemLibrary(name: "CLinux"),
         .target(
             name: "NbdPager",
             dependencies: [
                 "CNbd",
+                "CLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import Atomics
+import CLinux
 import CNbd
 import Logging
 import NIOConcurrencyHelpers

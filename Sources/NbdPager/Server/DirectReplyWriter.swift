@@ -1,5 +1,5 @@
 import Atomics
-import CNbd
+import CLinux
 import NIOConcurrencyHelpers
 import NIOCore
 #if canImport(Glibc)

@@ -1,5 +1,5 @@
 import Atomics
-import CNbd
+import CLinux
 import Logging
 import NIOCore
 import NIOPosix

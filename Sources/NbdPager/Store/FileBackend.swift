@@ -1,5 +1,5 @@
 import Atomics
-import CNbd
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #endif

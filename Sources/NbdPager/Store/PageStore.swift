@@ -1,5 +1,5 @@
 import Atomics
-import CNbd
+import CLinux
 import NIOConcurrencyHelpers
 #if canImport(Glibc)
 import Glibc

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Atomics
-import CNbd
+import CLinux
 
 /// Operations on sparse files shared by the plain file export and the page store.
 enum SparseFile {

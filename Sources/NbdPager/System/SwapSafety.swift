@@ -1,4 +1,4 @@
-import CNbd
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #endif

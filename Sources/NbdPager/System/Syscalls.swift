@@ -1,4 +1,4 @@
-import CNbd
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -88,7 +88,7 @@ public enum Sys {
     }
 
     static func fallocate(_ fd: Int32, mode: Int32, offset: UInt64, length: UInt64) throws {
-        _ = try retryingEINTR("fallocate") { CNbd.fallocate(fd, mode, off_t(offset), off_t(length)) }
+        _ = try retryingEINTR("fallocate") { CLinux.fallocate(fd, mode, off_t(offset), off_t(length)) }
     }
 
     /// lseek with SEEK_DATA / SEEK_HOLE. Returns nil for ENXIO (no more data past offset).
