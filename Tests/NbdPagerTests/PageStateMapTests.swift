@@ -277,6 +277,21 @@ final class PageStateMapTests: XCTestCase {
         XCTAssertNoThrow(try PageStateMap(decoding: [0, 0b0000_0010], pageCount: 5))
     }
 
+    /// Found by FuzzStateMap: a padding lane holding 3 was reported as an invalid state of page 33 of a
+    /// 33-page map (a page that does not exist) instead of as padding.
+    func testDecodeReportsThreeInAPaddingLaneAsPadding() {
+        var bytes = [UInt8](repeating: 0, count: 9)
+        bytes[8] = 0b0000_1100  // page 33's lane: past the last page (32)
+        XCTAssertThrowsError(try PageStateMap(decoding: bytes, pageCount: 33)) {
+            XCTAssertEqual($0 as? PageStateMapError, .nonZeroPadding)
+        }
+        // An invalid state in a real page still names that page, even with padding set as well.
+        bytes[8] = 0b0000_1111
+        XCTAssertThrowsError(try PageStateMap(decoding: bytes, pageCount: 33)) {
+            XCTAssertEqual($0 as? PageStateMapError, .invalidState(page: 32))
+        }
+    }
+
     // MARK: CRC32C
 
     func testCRC32CCheckValue() {

@@ -318,11 +318,16 @@ public struct PageStateMap: Sendable, Equatable {
                         word |= UInt64(base.load(fromByteOffset: start + i, as: UInt8.self)) << (UInt64(i) * 8)
                     }
                 }
-                if word & (word >> 1) & lowBits != 0, invalidWord == nil { invalidWord = w }
+                // Lanes of pages in the map: past the last page a lane is padding, never a page's state.
+                var inMap = ~UInt64(0)
                 if w == words.count - 1 {
                     let used = pageCount - UInt64(w) * pagesPerWord
-                    if used < pagesPerWord, word & ~((1 << (used * 2)) - 1) != 0 { padding = true }
+                    if used < pagesPerWord {
+                        inMap = (1 << (used * 2)) - 1
+                        if word & ~inMap != 0 { padding = true }
+                    }
                 }
+                if word & (word >> 1) & lowBits & inMap != 0, invalidWord == nil { invalidWord = w }
                 words[w] = word
                 present += UInt64(matching(word, .present).nonzeroBitCount)
                 local += UInt64(matching(word, .local).nonzeroBitCount)
