@@ -182,6 +182,37 @@ final class PageStoreTests: XCTestCase {
         try fresh.close()
     }
 
+    /// Found by FuzzPageStore: a slot with a valid checksum at generation 2^64 - 1 was taken as the
+    /// newest, and the first commit then trapped on `generation + 1`. Such a slot is not valid.
+    func testSlotAtLargestGenerationIsNotUsed() throws {
+        let geometry = try PageGeometry(exportSize: 64 * 4096)
+        do {
+            let store = try open()                 // generation 1 in slot A
+            store.markPresent(0 ..< 4)
+            try store.commit()                     // generation 2 in slot B
+            try store.close()
+        }
+        var slot = [UInt8](repeating: 0, count: PageStore.slotLength(geometry))
+        PageStore.fillSlot(&slot, generation: .max, map: PageStateMap(pageCount: 64))
+        try patch(dir + "/state", offset: PageStore.headerSize, bytes: slot)
+        do {
+            let store = try open()
+            XCTAssertEqual(store.snapshot().generation, 2)
+            XCTAssertEqual(store.runs(of: .present, in: 0 ..< 64), [0 ..< 4])
+            store.markLocal(10 ..< 11)
+            try store.commit()                     // generation 3, over the bad slot A
+            XCTAssertEqual(store.snapshot().generation, 3)
+            try store.close()
+        }
+        // With the other slot bad too, the store is corrupt: an error, not a crash at the next commit.
+        try patch(dir + "/state", offset: PageStore.headerSize, bytes: slot)
+        try patch(dir + "/state", offset: PageStore.headerSize + Int(PageStore.slotStride(geometry)), bytes: [0])
+        XCTAssertThrowsError(try open()) { error in
+            guard case let .corrupt(message)? = error as? PageStoreError else { return XCTFail("\(error)") }
+            XCTAssertTrue(message.contains("neither state slot is valid"), message)
+        }
+    }
+
     func testCorruptHeaderAndMissingData() throws {
         try open().close()
         try patch(dir + "/state", offset: 100, bytes: [1])   // inside the checksummed header

@@ -388,10 +388,12 @@ public final class PageStore: @unchecked Sendable {
         }
     }
 
-    /// The generation and map of a valid slot, or nil.
+    /// The generation and map of a valid slot, or nil. A slot at the largest generation is not valid:
+    /// no store commits 2^64 - 1 times, and the next commit could not number its slot.
     static func decodeSlot(_ slot: [UInt8], geometry: PageGeometry) -> (UInt64, PageStateMap)? {
         guard slot.count == slotLength(geometry), Array(slot[0 ..< 8]) == slotMagic,
               slot.le(UInt64.self, at: 16) == UInt64(slot.count - slotHeaderSize),
+              slot.le(UInt64.self, at: 8) < UInt64.max,
               slot.le(UInt32.self, at: 24) == slotChecksum(slot) else { return nil }
         let map = slot.withUnsafeBytes { raw in
             try? PageStateMap(decoding: UnsafeRawBufferPointer(rebasing: raw[slotHeaderSize...]), pageCount: geometry.pageCount)
