@@ -105,6 +105,27 @@ def state_machine():
         "bad-request-magic": (rw, whole, FLAGS + GO_DISK + request("read", 1, 0, 512, magic=0x25609514)),
         "unknown-command": (rw, whole, FLAGS + GO_DISK + request(9, 1, 0, 512) + request("read", 2, 0, 512, 1 << 7)),
     }
+    # WireTests' option payloads, valid and malformed, one option each (the session survives them).
+    good_info = info("disk", [1, 3])
+    infos = [good_info, info(""), info("ünï", [2]), info("a" * 4096, [0]), b"", be("I", 4),
+             be("I", 10) + b"disk" + be("H", 0), string("disk"), string("disk") + be("HHH", 3, 1, 3),
+             string("disk") + be("HHH", 1, 1, 3), good_info + b"\x00", string("disk") + be("H", 1) + b"\x00\x01\x02",
+             info("a" * 4097), be("I", 3) + b"a\x00b" + be("H", 0), be("I", 2) + b"\xff\xfe" + be("H", 0),
+             be("I", 0xFFFFFFFF) + be("H", 0)]
+    seeds["wire-info-payloads"] = (rw, random, FLAGS + b"".join(option(OPT["info"], p) for p in infos) + GO_DISK)
+    good_meta = meta("disk", ["base:allocation"])
+    metas = [meta("disk", ["base:allocation", "qemu:dirty-bitmap:x"]), meta("", []), meta("d", ["base:"] * 128),
+             b"", string("disk"), string("disk") + be("I", 2) + string("base:allocation"),
+             string("disk") + be("I", 0) + string("base:allocation"),
+             string("disk") + be("II", 1, 20) + b"base:", good_meta + b"\x01\x02\x03", be("I", 50) + b"disk",
+             meta("d", ["q" * 4097]), be("I", 2) + b"d\x00" + be("I", 0),
+             string("d") + be("II", 1, 5) + b"ba\x00e:", meta("d", ["base:"] * 129), string("d") + be("I", 0xFFFFFFFF)]
+    seeds["wire-meta-payloads"] = (rw, random, FLAGS + option(OPT["structured"])
+                                   + b"".join(option(OPT["list_meta"], p) + option(OPT["set_meta"], p) for p in metas)
+                                   + GO_DISK + request("block_status", 1, 0, 4096))
+    # WireTests' request header: WRITE_ZEROES with FUA|FAST_ZERO at 4 GiB + 512 (past the 1 GiB export).
+    seeds["wire-request-header"] = (rw, bytewise, FLAGS + GO_DISK + request(6, 0x1122334455667788, 0x100000200, 0x100000, 0x11)
+                                    + request(6, 1, 0x200, 0x100000, 0x11) + request("read", 2, 0, 1, magic=0xDEADBEEF))
     return {k: bytes([c, ch, 0x5A, 0xA5]) + s for k, (c, ch, s) in seeds.items()}
 
 
@@ -138,6 +159,8 @@ def validator():
         "offset-overflow": (rw, 0, size, simple, 0, CMD["read"], 8, 2**64 - 1),
         "disconnect": (rw, 0, size, simple, 0, CMD["disc"], 0, 0),
         "zero-length": (rw, 0, size, simple, 0, CMD["read"], 0, 0),
+        # WireTests' request header, against an export large enough for it
+        "wire-request-header": (rw, 0, 1 << 33, simple, 0x11, CMD["write_zeroes"], 0x100000, 0x100000200),
     }
     out = {}
     for name, (caps, more, sz, sess, flags, typ, length, offset) in cases.items():
