@@ -247,6 +247,7 @@ def page_store():
         "data-too-long": store(0x40, 0x00, h, slot(1, fresh)),
         "truncated": store(0x80, 0x00, h[:4000], b""),
         "max-generation": store(0x00, 0x01, h, slot(2**64 - 1, mixed)),
+        "last-valid-generation": store(0x00, 0x31, h, slot(2**64 - 2, mixed)),
     }
 
 

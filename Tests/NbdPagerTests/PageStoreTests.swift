@@ -213,6 +213,33 @@ final class PageStoreTests: XCTestCase {
         }
     }
 
+    /// Found by FuzzPageStore: from generation 2^64-2 a commit wrote a slot at 2^64-1, which reopening
+    /// ignores, so the commit was silently lost. Such a commit now fails with an error.
+    func testCommitPastTheLastValidGenerationFails() throws {
+        let geometry = try PageGeometry(exportSize: 64 * 4096)
+        try open().close()                         // generation 1 in slot A
+        var slot = [UInt8](repeating: 0, count: PageStore.slotLength(geometry))
+        var map = PageStateMap(pageCount: 64)
+        map.mark(0 ..< 2, .present)
+        PageStore.fillSlot(&slot, generation: .max - 1, map: map)
+        try patch(dir + "/state", offset: PageStore.headerSize, bytes: slot)
+        do {
+            let store = try open()
+            XCTAssertEqual(store.snapshot().generation, .max - 1)
+            store.markLocal(5 ..< 6)
+            XCTAssertThrowsError(try store.commit()) { error in
+                guard case let .corrupt(message)? = error as? PageStoreError else { return XCTFail("\(error)") }
+                XCTAssertTrue(message.contains("generation is exhausted"), message)
+            }
+            XCTAssertThrowsError(try store.close())
+        }
+        let store = try open()
+        XCTAssertEqual(store.snapshot().generation, .max - 1)
+        XCTAssertEqual(store.runs(of: .present, in: 0 ..< 64), [0 ..< 2])
+        XCTAssertEqual(store.state(of: 5), .absent)
+        try store.close()
+    }
+
     func testCorruptHeaderAndMissingData() throws {
         try open().close()
         try patch(dir + "/state", offset: 100, bytes: [1])   // inside the checksummed header

@@ -498,6 +498,12 @@ public final class PageStore: @unchecked Sendable {
                 throw PageStoreError.syncFailed(failure)
             }
             if mapChanged {
+                // The largest generation marks no valid slot (see decodeSlot): a store that got there
+                // (only a damaged one can) takes no more commits.
+                guard generation < UInt64.max - 1 else {
+                    throw PageStoreError.corrupt(
+                        "store \(directory): the state generation is exhausted; use --reset-store to discard it")
+                }
                 let target = 1 - newestSlot
                 let nextGeneration = generation + 1
                 Self.sealSlot(&slotBuffer, generation: nextGeneration)
