@@ -24,7 +24,7 @@ func exports(_ config: UInt8) -> [NBDExportInfo] {
     return [disk, other]
 }
 
-// MARK: the machine's interface (the only code that names NBDServerStateMachine.Action)
+// MARK: the machine's interface: the only code that names NBDServerStateMachine and its Action
 
 /// What the checks need to know about one action.
 enum Step {
@@ -40,21 +40,38 @@ enum Step {
     case end
 }
 
-func step(_ action: NBDServerStateMachine.Action) -> Step {
-    switch action {
-    case .send(let b): .send(bytes: b.readableBytes)
-    case .sendAndClose: .end
-    case .close: .end
-    case .enterTransmission(let b, let session): .enterTransmission(bytes: b.readableBytes, session: session)
-    case .request(let request, let payload): .request(request, payload: payload?.readableBytes)
-    case .reject(let rejection): .reject(rejection)
-    case .disconnect: .end
+/// The state machine as the driver sees it.
+struct Machine {
+    private var machine: NBDServerStateMachine
+
+    /// A machine for `exports` that has sent its greeting; returns the greeting's length.
+    init(exports: [NBDExportInfo], greetingBytes: inout Int) {
+        machine = NBDServerStateMachine(exports: exports)
+        greetingBytes = machine.greeting().readableBytes
     }
+
+    mutating func next(from buffer: inout ByteBuffer) -> Step? {
+        guard let action = machine.next(from: &buffer) else { return nil }
+        switch action {
+        case .send(let b): return .send(bytes: b.readableBytes)
+        case .sendAndClose: return .end
+        case .close: return .end
+        case .enterTransmission(let b, let session): return .enterTransmission(bytes: b.readableBytes, session: session)
+        case .request(let request, let payload): return .request(request, payload: payload?.readableBytes)
+        case .reject(let rejection): return .reject(rejection)
+        case .disconnect: return .end
+        }
+    }
+
+    var pendingPayloadBytes: Int { machine.pendingPayloadBytes }
+    var isInTransmission: Bool { machine.isInTransmission }
+    var isClosed: Bool { machine.isClosed }
+    mutating func markClosed() { machine.markClosed() }
 }
 
 /// One connection: the machine, the handler's receive buffer, and what has happened so far.
 struct Connection {
-    var machine: NBDServerStateMachine
+    var machine: Machine
     var cumulation = ByteBuffer()
     var session: NBDSession?
     var ended = false
@@ -62,9 +79,9 @@ struct Connection {
     var steps = 0
 
     init(exports: [NBDExportInfo]) {
-        machine = NBDServerStateMachine(exports: exports)
-        let greeting = machine.greeting()
-        require(greeting.readableBytes == 18, "greeting is \(greeting.readableBytes) bytes")
+        var greeting = 0
+        machine = Machine(exports: exports, greetingBytes: &greeting)
+        require(greeting == 18, "greeting is \(greeting) bytes")
     }
 
     /// The handler's channelRead: append, then parse until the machine needs more bytes.
@@ -72,10 +89,10 @@ struct Connection {
         guard !ended else { return }
         cumulation.writeBytes(chunk)
         fed += chunk.count
-        while !ended, let action = machine.next(from: &cumulation) {
+        while !ended, let step = machine.next(from: &cumulation) {
             steps += 1
             require(steps <= fed, "\(steps) actions from \(fed) bytes")
-            check(step(action))
+            check(step)
         }
         require(machine.pendingPayloadBytes <= Int(NBDLimits.maxRequestLength),
                 "pending payload of \(machine.pendingPayloadBytes) bytes")
