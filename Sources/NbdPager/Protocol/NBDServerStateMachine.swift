@@ -65,6 +65,14 @@ public struct NBDServerStateMachine: Sendable {
         public var structuredReplies = false
         /// base:allocation selected by SET_META_CONTEXT, with the export name it was selected for.
         public var metaContextExport: String?
+
+        public init(noZeroes: Bool = false, optionCount: Int = 0, structuredReplies: Bool = false,
+                    metaContextExport: String? = nil) {
+            self.noZeroes = noZeroes
+            self.optionCount = optionCount
+            self.structuredReplies = structuredReplies
+            self.metaContextExport = metaContextExport
+        }
     }
 
     public enum State: Sendable, Equatable {
