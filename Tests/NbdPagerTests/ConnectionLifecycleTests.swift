@@ -7,7 +7,7 @@ final class ConnectionLifecycleTests: XCTestCase {
     typealias F = ConnectionLifecycle.Flow
 
     enum Input {
-        case transmissionStarted, mayParse, requestStarted, requestFinished, writable(Bool), parsed
+        case transmissionStarted, parseStarted, parseEnded, mayParse, requestStarted, requestFinished, writable(Bool), parsed
         case disconnect, halfClosed, shutdown, readComplete, unread(Int), readRequested, closeRequested, inactive
     }
 
@@ -15,6 +15,8 @@ final class ConnectionLifecycleTests: XCTestCase {
     func apply(_ input: Input, to l: inout L) -> (L.Action, Bool?) {
         switch input {
         case .transmissionStarted: l.transmissionStarted(); return (.none, nil)
+        case .parseStarted: l.parseStarted(); return (.none, nil)
+        case .parseEnded: l.parseEnded(); return (.none, nil)
         case .mayParse: return (.none, l.mayParse())
         case .requestStarted: l.requestStarted(); return (.none, nil)
         case .requestFinished: return (l.requestFinished(), nil)
@@ -107,6 +109,15 @@ final class ConnectionLifecycleTests: XCTestCase {
             (.draining(Self.full, shuttingDown: true), .mayParse, .draining(Self.full, shuttingDown: true), .none, true),
             (.draining(Self.busy, shuttingDown: true), .shutdown, .draining(Self.busy, shuttingDown: true), .none, nil),
             (.draining(Self.busy, shuttingDown: false), .halfClosed, .draining(Self.busy, shuttingDown: false), .none, nil),
+            // no close under a running parse pass: it is decided when the pass is over
+            (.draining(F(), shuttingDown: false), .parseStarted, .draining(F(parsing: true), shuttingDown: false), .none, nil),
+            (.draining(F(parsing: true), shuttingDown: false), .writable(false),
+             .draining(F(writable: false, parsing: true), shuttingDown: false), .none, nil),
+            (.draining(F(inFlight: 1, parsing: true), shuttingDown: false), .requestFinished,
+             .draining(F(parsing: true), shuttingDown: false), .none, nil),
+            (.draining(F(parsing: true), shuttingDown: false), .parseEnded, .draining(F(), shuttingDown: false), .none, nil),
+            (.serving(F(parsing: true)), .halfClosed, .draining(F(parsing: true), shuttingDown: false), .none, nil),
+            (.quiescing(F(parsing: true), readsLeft: 0), .unread(0), .draining(F(parsing: true), shuttingDown: true), .none, nil),
             // closing and closed ignore everything but the channel going away
             (.closing, .mayParse, .closing, .none, false),
             (.closing, .readRequested, .closing, .none, nil),

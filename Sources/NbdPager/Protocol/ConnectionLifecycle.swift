@@ -33,7 +33,8 @@
 /// | closing, closed | anything else          | same                      | none / false                    |
 ///
 /// "Input open" means handshake, serving or quiescing (draining reads nothing more). "Finished" means
-/// draining with nothing in flight and no parse held. "Shutting down" (quiescing, draining(shutdown)):
+/// draining with nothing in flight, no parse held and no parse pass running (`parseStarted` ..
+/// `parseEnded` bracket each pass; a close is decided after the pass, by `parsed` or `unreadInput`). "Shutting down" (quiescing, draining(shutdown)):
 /// requests parsed from then on are refused with ESHUTDOWN (`requestParsed` returns `.refuse`), and all
 /// buffered input is parsed at once, without back-pressure, since nothing new is started.
 public struct ConnectionLifecycle: Sendable, Equatable {
@@ -51,12 +52,17 @@ public struct ConnectionLifecycle: Sendable, Equatable {
         public var readHeld = false
         /// Parsing stopped on back-pressure with complete requests possibly still buffered.
         public var parseHeld = false
+        /// A parse pass is running: the connection does not close under it (a reply written while
+        /// parsing can change writability, and a request can complete synchronously).
+        public var parsing = false
 
-        public init(inFlight: Int = 0, writable: Bool = true, readHeld: Bool = false, parseHeld: Bool = false) {
+        public init(inFlight: Int = 0, writable: Bool = true, readHeld: Bool = false, parseHeld: Bool = false,
+                    parsing: Bool = false) {
             self.inFlight = inFlight
             self.writable = writable
             self.readHeld = readHeld
             self.parseHeld = parseHeld
+            self.parsing = parsing
         }
 
         var canStart: Bool { inFlight < ConnectionLifecycle.maxInFlight && writable }
@@ -185,7 +191,17 @@ public struct ConnectionLifecycle: Sendable, Equatable {
         return resume()
     }
 
-    /// A parse pass (after bytes arrived, or for `.parse`) is over.
+    /// A parse pass begins (`parseEnded` follows it). No close is decided while it runs.
+    public mutating func parseStarted() {
+        updateFlow { $0.parsing = true }
+    }
+
+    public mutating func parseEnded() {
+        updateFlow { $0.parsing = false }
+    }
+
+    /// A parse pass (after bytes arrived, or for `.parse`) is over: resume a held read, or close if
+    /// finished.
     public mutating func parsed() -> Action {
         if let f = flow, f.canStart, f.readHeld, inputOpen {
             updateFlow { $0.readHeld = false }
@@ -282,7 +298,7 @@ public struct ConnectionLifecycle: Sendable, Equatable {
     }
 
     private mutating func finishIfDone() -> Action {
-        guard case .draining(let f, _) = state, f.inFlight == 0, !f.parseHeld else { return .none }
+        guard case .draining(let f, _) = state, f.inFlight == 0, !f.parseHeld, !f.parsing else { return .none }
         state = .closing
         return .closeAfterReplies
     }

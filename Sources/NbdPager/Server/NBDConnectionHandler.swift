@@ -185,6 +185,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     /// Parses and runs what has been received, as far as the lifecycle allows (back-pressure; during
     /// shutdown nothing new is started, so everything buffered is parsed and answered at once).
     private func processBuffered(_ context: ChannelHandlerContext) {
+        lifecycle.parseStarted()
+        defer { lifecycle.parseEnded() }
         while var buffer = cumulation, buffer.readableBytes > 0 {
             guard lifecycle.mayParse() else { break }
             cumulation = nil  // keep the storage uniquely referenced while parsing
