@@ -222,6 +222,30 @@ final class HandlerLifecycleTests: XCTestCase {
         XCTAssertTrue(h.channel.isActive)
     }
 
+    func testShutdownOrHalfCloseDuringTheHandshakeCloses() throws {
+        let h = try harness()
+        _ = try h.output()
+        try h.feed(Wire.be(UInt32(3)))
+        h.channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
+        XCTAssertFalse(h.channel.isActive)
+        XCTAssertEqual(h.tracker.count, 0)
+
+        let g = try harness()
+        _ = try g.output()
+        g.channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        XCTAssertFalse(g.channel.isActive)
+    }
+
+    func testNothingIsParsedOrAnsweredAfterABadMagic() throws {
+        let h = try harness()
+        try h.handshake()
+        try h.feed(Wire.request(magic: 1, type: 0, cookie: 1, offset: 0, length: 1)
+                   + Wire.request(.flush, cookie: 2, offset: 0, length: 0))
+        XCTAssertEqual(try h.output(), [])
+        XCTAssertFalse(h.channel.isActive)
+        XCTAssertTrue(h.backend.prepared.isEmpty)
+    }
+
     func testPendingReadOfALazyExportIsAnsweredFromItsData() throws {
         let h = try harness(lazy: true)
         try h.handshake(structured: true)
