@@ -28,15 +28,17 @@
 /// | any live   | mayParse otherwise          | same, parse held          | false                           |
 /// | any live   | requestFinished / writabilityChanged, can start, parse held | same | parse                 |
 /// | any live   | requestFinished / writabilityChanged / parsed, can start, read held, input open | same | read |
+/// | any live   | parseStarted / parseEnded   | same, parsing on / off    | –                               |
 /// | any live   | closeRequested              | closing                   | –                               |
 /// | any        | channelInactive             | closed                    | –                               |
 /// | closing, closed | anything else          | same                      | none / false                    |
 ///
 /// "Input open" means handshake, serving or quiescing (draining reads nothing more). "Finished" means
 /// draining with nothing in flight, no parse held and no parse pass running (`parseStarted` ..
-/// `parseEnded` bracket each pass; a close is decided after the pass, by `parsed` or `unreadInput`). "Shutting down" (quiescing, draining(shutdown)):
-/// requests parsed from then on are refused with ESHUTDOWN (`requestParsed` returns `.refuse`), and all
-/// buffered input is parsed at once, without back-pressure, since nothing new is started.
+/// `parseEnded` bracket each pass; a close is decided after the pass, by `parsed` or `unreadInput`).
+/// "Shutting down" (quiescing, draining(shutdown)): requests parsed from then on are refused with
+/// ESHUTDOWN (`requestParsed` returns `.refuse`), and all buffered input is parsed at once, without
+/// back-pressure, since nothing new is started.
 public struct ConnectionLifecycle: Sendable, Equatable {
     /// Requests in flight (waiting for storage or the source) above which reading and parsing pause.
     public static let maxInFlight = 128
