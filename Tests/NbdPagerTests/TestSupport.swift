@@ -166,11 +166,34 @@ func parseReplies(_ bytes: [UInt8], readLengths: [UInt64: Int] = [:],
 // MARK: state machine actions
 
 extension NBDServerStateMachine.Action {
-    var sent: [UInt8]? { if case .send(let b) = self { return b.bytes } else { return nil } }
-    var sentAndClosed: [UInt8]? { if case .sendAndClose(let b) = self { return b.bytes } else { return nil } }
+    /// The bytes of a handshake reply action (encoded with the Wire/ writers, as the handler does).
+    var sent: [UInt8]? {
+        var b = ByteBuffer()
+        switch self {
+        case .sendGreeting: b.writeNBDGreeting()
+        case .sendOptionReply(let r): b.writeOptionReply(r)
+        case .sendExportList(let r): b.writeExportListReply(r)
+        case .sendExportInfo(let r): b.writeExportInfoReply(r)
+        case .sendMetaContexts(let r): b.writeMetaContextReply(r)
+        default: return nil
+        }
+        return b.bytes
+    }
+    var sentAndClosed: [UInt8]? {
+        guard case .sendOptionReplyAndClose(let r) = self else { return nil }
+        var b = ByteBuffer()
+        b.writeOptionReply(r)
+        return b.bytes
+    }
     var closeReason: String? { if case .close(let r) = self { return r } else { return nil } }
     var transmission: (bytes: [UInt8], session: NBDSession)? {
-        if case .enterTransmission(let b, let s) = self { return (b.bytes, s) } else { return nil }
+        guard case .enterTransmission(let s, let reply) = self else { return nil }
+        var b = ByteBuffer()
+        b.writeTransmissionReply(reply)
+        return (b.bytes, s)
+    }
+    var transmissionReply: NBDTransmissionReply? {
+        if case .enterTransmission(_, let r) = self { return r } else { return nil }
     }
     var request: (request: NBDRequest, payload: ByteBuffer?)? {
         if case .request(let r, let p) = self { return (r, p) } else { return nil }

@@ -1,5 +1,5 @@
 /// A request that passed validation and is ready to run against the export.
-public struct NBDRequest: Sendable {
+public struct NBDRequest: Sendable, Hashable {
     public var command: NBDCommand
     public var flags: NBDCommandFlags
     public var cookie: UInt64

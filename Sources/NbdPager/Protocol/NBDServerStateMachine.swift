@@ -1,58 +1,124 @@
 import NIOCore
 
-/// The server side of one NBD connection as a value type: it owns the parser, takes the bytes the client
-/// sent and returns what to do next. It does no I/O, so it can be fed byte by byte in tests.
-public struct NBDServerStateMachine {
-    public enum Action {
-        /// Send these handshake bytes.
-        case send(ByteBuffer)
-        /// Send these bytes, then close (NBD_OPT_ABORT).
-        case sendAndClose(ByteBuffer)
-        /// Hard disconnect: the client broke a MUST of the protocol.
-        case close(reason: String)
-        /// Send these bytes and start the transmission phase with this session.
-        case enterTransmission(ByteBuffer, NBDSession)
+/// The server side of one NBD connection's byte stream as a value type: it owns the parser, takes the
+/// bytes the client sent and returns typed actions (what to reply, which request to run). It does no
+/// I/O and no encoding (the connection encodes the actions with the `Wire/` writers), so it can be fed
+/// byte by byte in tests and by a fuzzer.
+///
+/// Each state carries exactly the data it needs: the handshake states carry what has been negotiated so
+/// far (`Negotiation`), the transmission states carry the `NBDSession`, so a request can never be parsed
+/// without a session.
+///
+/// | state          | input                         | next state          | action                        |
+/// |----------------|-------------------------------|---------------------|-------------------------------|
+/// | greeting       | start / greeting()            | clientFlags         | sendGreeting                  |
+/// | clientFlags    | known flags                   | options             | (none, keep parsing)          |
+/// | clientFlags    | unknown flags                 | closed              | close                         |
+/// | options        | bad magic, oversize, >256     | closed              | close                         |
+/// | options        | EXPORT_NAME, known export     | transmission        | enterTransmission(.exportName)|
+/// | options        | EXPORT_NAME, unknown/invalid  | closed              | close                         |
+/// | options        | GO, known export              | transmission        | enterTransmission(.go)        |
+/// | options        | INFO                          | options             | sendExportInfo                |
+/// | options        | LIST                          | options             | sendExportList                |
+/// | options        | (LIST|SET)_META_CONTEXT       | options             | sendMetaContexts              |
+/// | options        | ABORT                         | closed              | sendOptionReplyAndClose (ACK) |
+/// | options        | other / invalid option        | options             | sendOptionReply (error)       |
+/// | transmission   | bad request magic             | closed              | close                         |
+/// | transmission   | valid WRITE header            | payload             | (none, wait for the payload)  |
+/// | transmission   | valid DISC                    | closed              | disconnect                    |
+/// | transmission   | other valid request           | transmission        | request                       |
+/// | transmission   | invalid, WRITE with payload   | discarding          | (none, consume the payload)   |
+/// | transmission   | invalid, no payload           | transmission        | reject                        |
+/// | payload        | whole payload                 | transmission        | request(payload)              |
+/// | discarding     | rest of the payload           | transmission        | reject                        |
+/// | closed         | anything                      | closed              | nil                           |
+public struct NBDServerStateMachine: Sendable {
+    public enum Action: Sendable, Equatable {
+        /// Send the newstyle greeting (only from `start()`).
+        case sendGreeting
+        /// Send one option reply without data (an ACK, or an error with a message).
+        case sendOptionReply(NBDOptionReply)
+        /// Send this option reply (NBD_OPT_ABORT's ACK), then close.
+        case sendOptionReplyAndClose(NBDOptionReply)
+        /// Send the export list (NBD_OPT_LIST).
+        case sendExportList(NBDExportListReply)
+        /// Send export information (NBD_OPT_INFO).
+        case sendExportInfo(NBDExportInfoReply)
+        /// Send the meta context replies (NBD_OPT_LIST/SET_META_CONTEXT).
+        case sendMetaContexts(NBDMetaContextReply)
+        /// Send this reply and start the transmission phase with this session.
+        case enterTransmission(NBDSession, NBDTransmissionReply)
         /// Run this request; `payload` holds a WRITE's data.
         case request(NBDRequest, payload: ByteBuffer?)
         /// Reply with this error (any WRITE payload has already been consumed).
         case reject(NBDRejection)
+        /// Hard disconnect: the client broke a MUST of the protocol.
+        case close(reason: String)
         /// NBD_CMD_DISC: finish in-flight requests, then close.
         case disconnect
     }
 
-    enum State {
+    /// What the client negotiated so far in the handshake.
+    public struct Negotiation: Sendable, Hashable {
+        public var noZeroes = false
+        public var optionCount = 0
+        public var structuredReplies = false
+        /// base:allocation selected by SET_META_CONTEXT, with the export name it was selected for.
+        public var metaContextExport: String?
+
+        public init(noZeroes: Bool = false, optionCount: Int = 0, structuredReplies: Bool = false,
+                    metaContextExport: String? = nil) {
+            self.noZeroes = noZeroes
+            self.optionCount = optionCount
+            self.structuredReplies = structuredReplies
+            self.metaContextExport = metaContextExport
+        }
+    }
+
+    public enum State: Sendable, Equatable {
+        /// The greeting has not been sent: nothing is parsed.
         case greeting
         case clientFlags
-        case options
-        case transmission
+        case options(Negotiation)
+        case transmission(NBDSession)
         /// A valid WRITE header was read; waiting for its payload.
-        case payload(NBDRequest)
+        case payload(NBDSession, NBDRequest)
         /// An invalid WRITE: discarding its payload before sending the rejection.
-        case discarding(remaining: UInt32, NBDRejection)
+        case discarding(NBDSession, remaining: UInt32, NBDRejection)
         case closed
     }
 
-    private(set) var state: State = .greeting
+    public private(set) var state: State = .greeting
     public let exports: [NBDExportInfo]
-    private var noZeroes = false
-    private var optionCount = 0
-    private var structuredReplies = false
-    /// base:allocation selected by SET_META_CONTEXT, with the export name it was selected for.
-    private var metaContextExport: String?
-    public private(set) var session: NBDSession?
 
     public init(exports: [NBDExportInfo]) {
         self.exports = exports
     }
 
+    /// The negotiated session, once in the transmission phase.
+    public var session: NBDSession? {
+        switch state {
+        case .transmission(let s), .payload(let s, _), .discarding(let s, _, _): return s
+        case .greeting, .clientFlags, .options, .closed: return nil
+        }
+    }
+
     public var isInTransmission: Bool { session != nil }
     public var isClosed: Bool { if case .closed = state { return true } else { return false } }
 
-    /// The first bytes of the connection.
+    /// Starts the connection: the server speaks first. Returns `.sendGreeting` (once; nil afterwards).
+    public mutating func start() -> Action? {
+        guard case .greeting = state else { return nil }
+        state = .clientFlags
+        return .sendGreeting
+    }
+
+    /// `start()` for callers that want the greeting's bytes (tests, fuzzing).
+    @discardableResult
     public mutating func greeting() -> ByteBuffer {
+        _ = start()
         var b = ByteBuffer()
         b.writeNBDGreeting()
-        state = .clientFlags
         return b
     }
 
@@ -74,10 +140,11 @@ public struct NBDServerStateMachine {
                 guard flags.isSubset(of: .known) else {
                     return close("unknown client flags 0x\(String(raw, radix: 16))")
                 }
-                noZeroes = flags.contains(.noZeroes)
-                state = .options
+                var negotiation = Negotiation()
+                negotiation.noZeroes = flags.contains(.noZeroes)
+                state = .options(negotiation)
 
-            case .options:
+            case .options(var negotiation):
                 guard buffer.readableBytes >= 16 else { return nil }
                 let start = buffer.readerIndex
                 guard let magic = buffer.getInteger(at: start, as: UInt64.self),
@@ -91,23 +158,22 @@ public struct NBDServerStateMachine {
                 guard buffer.readableBytes >= 16 + Int(length) else { return nil }
                 buffer.moveReaderIndex(forwardBy: 16)
                 let payload = buffer.readSlice(length: Int(length)) ?? ByteBuffer()
-                optionCount += 1
-                guard optionCount <= NBDLimits.maxOptions else { return close("too many options") }
-                return handleOption(option, payload: payload)
+                negotiation.optionCount += 1
+                guard negotiation.optionCount <= NBDLimits.maxOptions else { return close("too many options") }
+                return handleOption(option, payload: payload, &negotiation)
 
-            case .transmission:
+            case .transmission(let session):
                 guard buffer.readableBytes >= NBDLimits.requestHeaderSize,
                       let (magic, header) = buffer.readNBDRequestHeader()
                 else { return nil }
                 guard magic == NBDMagic.request else {
                     return close("bad request magic 0x\(String(magic, radix: 16))")
                 }
-                guard let session else { return close("no session") }
                 switch NBDRequestValidator.validate(header, session: session) {
                 case .success(let request):
                     switch request.command {
                     case .write:
-                        state = .payload(request)
+                        state = .payload(session, request)
                     case .disconnect:
                         state = .closed
                         return .disconnect
@@ -116,27 +182,27 @@ public struct NBDServerStateMachine {
                     }
                 case .failure(let rejection):
                     if header.hasPayload && header.length > 0 {
-                        state = .discarding(remaining: header.length, rejection)
+                        state = .discarding(session, remaining: header.length, rejection)
                     } else {
                         return .reject(rejection)
                     }
                 }
 
-            case .payload(let request):
+            case .payload(let session, let request):
                 guard buffer.readableBytes >= Int(request.length),
                       let payload = buffer.readSlice(length: Int(request.length))
                 else { return nil }
-                state = .transmission
+                state = .transmission(session)
                 return .request(request, payload: payload)
 
-            case .discarding(let remaining, let rejection):
+            case .discarding(let session, let remaining, let rejection):
                 let n = min(UInt32(buffer.readableBytes), remaining)
                 buffer.moveReaderIndex(forwardBy: Int(n))
                 if n < remaining {
-                    state = .discarding(remaining: remaining - n, rejection)
+                    state = .discarding(session, remaining: remaining - n, rejection)
                     return nil
                 }
-                state = .transmission
+                state = .transmission(session)
                 return .reject(rejection)
             }
         }
@@ -144,32 +210,34 @@ public struct NBDServerStateMachine {
 
     /// Bytes of a WRITE payload still expected, so the caller can size its receive buffer.
     public var pendingPayloadBytes: Int {
-        if case .payload(let r) = state { return Int(r.length) }
+        if case .payload(_, let r) = state { return Int(r.length) }
         return 0
     }
-
-    // MARK: options
 
     private mutating func close(_ reason: String) -> Action {
         state = .closed
         return .close(reason: reason)
     }
+}
 
+// MARK: options
+
+extension NBDServerStateMachine {
     private func export(named name: String) -> NBDExportInfo? {
         if let e = exports.first(where: { $0.name == name }) { return e }
         // The empty name asks for the default export: the first one.
         return name.isEmpty ? exports.first : nil
     }
 
-    private func reply(_ option: UInt32, _ type: NBDOptionReplyType, _ message: String = "") -> Action {
-        var b = ByteBuffer()
-        b.writeOptionReply(option: option, type: type, message: message)
-        return .send(b)
-    }
-
-    private mutating func handleOption(_ code: UInt32, payload: ByteBuffer) -> Action {
+    /// Handles one option in the options phase. `negotiation` is the state's data, already counted; it
+    /// is stored back unless the option leaves the options phase.
+    private mutating func handleOption(_ code: UInt32, payload: ByteBuffer, _ negotiation: inout Negotiation) -> Action {
+        func reply(_ type: NBDOptionReplyType, _ message: String = "") -> Action {
+            .sendOptionReply(NBDOptionReply(option: code, type: type, message: message))
+        }
+        state = .options(negotiation)
         guard let option = NBDOption(rawValue: code) else {
-            return reply(code, .errUnsupported, "option \(code) is not supported")
+            return reply(.errUnsupported, "option \(code) is not supported")
         }
         switch option {
         case .exportName:
@@ -178,91 +246,67 @@ public struct NBDServerStateMachine {
                   let name = NBDString.decode(p.readBytes(length: p.readableBytes) ?? []),
                   let export = export(named: name)
             else { return close("NBD_OPT_EXPORT_NAME: no such export") }
-            let session = makeSession(export)
-            var b = ByteBuffer()
-            b.writeInteger(export.size)
-            b.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
-            if !noZeroes { b.writeRepeatingByte(0, count: 124) }
-            return enter(b, session)
+            let flags = export.transmissionFlags(structuredReplies: negotiation.structuredReplies)
+            return enter(makeSession(export, negotiation),
+                         .exportName(size: export.size, flags: flags, noZeroes: negotiation.noZeroes))
 
         case .abort:
-            var b = ByteBuffer()
-            b.writeOptionReply(option: code, type: .ack)
             state = .closed
-            return .sendAndClose(b)
+            return .sendOptionReplyAndClose(NBDOptionReply(option: code, type: .ack))
 
         case .list:
-            guard payload.readableBytes == 0 else { return reply(code, .errInvalid, "NBD_OPT_LIST takes no data") }
-            var b = ByteBuffer()
-            for e in exports {
-                let name = Array(e.name.utf8)
-                let description = Array(e.description.utf8.prefix(NBDLimits.maxStringLength))
-                b.writeOptionReplyHeader(option: code, type: .server, dataLength: 4 + name.count + description.count)
-                b.writeInteger(UInt32(name.count))
-                b.writeBytes(name)
-                b.writeBytes(description)
-            }
-            b.writeOptionReply(option: code, type: .ack)
-            return .send(b)
+            guard payload.readableBytes == 0 else { return reply(.errInvalid, "NBD_OPT_LIST takes no data") }
+            return .sendExportList(NBDExportListReply(
+                option: code, exports: exports.map { .init(name: $0.name, description: $0.description) }))
 
         case .startTLS:
-            return reply(code, .errUnsupported, "TLS is not supported by this server")
+            return reply(.errUnsupported, "TLS is not supported by this server")
 
         case .info, .go:
             guard let request = ByteBuffer.parseInfoRequest(payload) else {
-                return reply(code, .errInvalid, "malformed \(option == .go ? "NBD_OPT_GO" : "NBD_OPT_INFO")")
+                return reply(.errInvalid, "malformed \(option == .go ? "NBD_OPT_GO" : "NBD_OPT_INFO")")
             }
             guard let export = export(named: request.exportName) else {
-                return reply(code, .errUnknown, "export '\(request.exportName)' not found")
+                return reply(.errUnknown, "export '\(request.exportName)' not found")
             }
-            var b = ByteBuffer()
-            b.writeOptionReplyHeader(option: code, type: .info, dataLength: 12)
-            b.writeInteger(NBDInfoType.export.rawValue)
-            b.writeInteger(export.size)
-            b.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
             let requested = Set(request.requests)
-            if requested.contains(NBDInfoType.name.rawValue) {
-                let name = Array(export.name.utf8)
-                b.writeOptionReplyHeader(option: code, type: .info, dataLength: 2 + name.count)
-                b.writeInteger(NBDInfoType.name.rawValue)
-                b.writeBytes(name)
-            }
-            if requested.contains(NBDInfoType.description.rawValue) && !export.description.isEmpty {
-                let text = Array(export.description.utf8.prefix(NBDLimits.maxStringLength))
-                b.writeOptionReplyHeader(option: code, type: .info, dataLength: 2 + text.count)
-                b.writeInteger(NBDInfoType.description.rawValue)
-                b.writeBytes(text)
-            }
-            b.writeOptionReplyHeader(option: code, type: .info, dataLength: 14)
-            b.writeInteger(NBDInfoType.blockSize.rawValue)
-            b.writeInteger(export.minimumBlockSize)
-            b.writeInteger(max(NBDLimits.preferredBlockSize, export.minimumBlockSize))
-            b.writeInteger(NBDLimits.maxRequestLength)
-            b.writeOptionReply(option: code, type: .ack)
-            if option == .info { return .send(b) }
-            return enter(b, makeSession(export))
+            let info = NBDExportInfoReply(
+                option: code, size: export.size,
+                flags: export.transmissionFlags(structuredReplies: negotiation.structuredReplies),
+                name: requested.contains(NBDInfoType.name.rawValue) ? export.name : nil,
+                description: requested.contains(NBDInfoType.description.rawValue) && !export.description.isEmpty
+                    ? export.description : nil,
+                minimumBlockSize: export.minimumBlockSize,
+                preferredBlockSize: max(NBDLimits.preferredBlockSize, export.minimumBlockSize),
+                maximumBlockSize: NBDLimits.maxRequestLength)
+            if option == .info { return .sendExportInfo(info) }
+            return enter(makeSession(export, negotiation), .go(info))
 
         case .structuredReply:
             guard payload.readableBytes == 0 else {
-                return reply(code, .errInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                return reply(.errInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
             }
-            guard !structuredReplies else {
-                return reply(code, .errInvalid, "structured replies are already negotiated")
+            guard !negotiation.structuredReplies else {
+                return reply(.errInvalid, "structured replies are already negotiated")
             }
-            structuredReplies = true
-            return reply(code, .ack)
+            negotiation.structuredReplies = true
+            state = .options(negotiation)
+            return reply(.ack)
 
         case .listMetaContext, .setMetaContext:
             let isSet = option == .setMetaContext
-            guard structuredReplies else {
-                return reply(code, .errInvalid, "negotiate structured replies first")
+            guard negotiation.structuredReplies else {
+                return reply(.errInvalid, "negotiate structured replies first")
             }
             guard let request = ByteBuffer.parseMetaContextRequest(payload) else {
-                return reply(code, .errInvalid, "malformed meta context request")
+                return reply(.errInvalid, "malformed meta context request")
             }
-            if isSet { metaContextExport = nil }
+            if isSet {
+                negotiation.metaContextExport = nil
+                state = .options(negotiation)
+            }
             guard export(named: request.exportName) != nil else {
-                return reply(code, .errUnknown, "export '\(request.exportName)' not found")
+                return reply(.errUnknown, "export '\(request.exportName)' not found")
             }
             let matches: Bool
             if isSet {
@@ -271,31 +315,29 @@ public struct NBDServerStateMachine {
                 matches = request.queries.isEmpty
                     || request.queries.contains { $0 == "base:" || $0 == NBDLimits.baseAllocation }
             }
-            var b = ByteBuffer()
+            var context: NBDMetaContextReply.Context?
             if matches {
-                let name = Array(NBDLimits.baseAllocation.utf8)
-                b.writeOptionReplyHeader(option: code, type: .metaContext, dataLength: 4 + name.count)
-                b.writeInteger(isSet ? NBDLimits.baseAllocationContextID : 0)
-                b.writeBytes(name)
-                if isSet { metaContextExport = request.exportName }
+                context = .init(id: isSet ? NBDLimits.baseAllocationContextID : 0, name: NBDLimits.baseAllocation)
+                if isSet {
+                    negotiation.metaContextExport = request.exportName
+                    state = .options(negotiation)
+                }
             }
-            b.writeOptionReply(option: code, type: .ack)
-            return .send(b)
+            return .sendMetaContexts(NBDMetaContextReply(option: code, context: context))
 
         case .peekExport, .extendedHeaders:
-            return reply(code, .errUnsupported, "option \(code) is not supported")
+            return reply(.errUnsupported, "option \(code) is not supported")
         }
     }
 
-    private func makeSession(_ export: NBDExportInfo) -> NBDSession {
-        let selected = metaContextExport.flatMap { self.export(named: $0) }?.name == export.name
-        return NBDSession(export: export, structuredReplies: structuredReplies,
+    private func makeSession(_ export: NBDExportInfo, _ negotiation: Negotiation) -> NBDSession {
+        let selected = negotiation.metaContextExport.flatMap { self.export(named: $0) }?.name == export.name
+        return NBDSession(export: export, structuredReplies: negotiation.structuredReplies,
                           baseAllocationContext: selected ? NBDLimits.baseAllocationContextID : nil)
     }
 
-    private mutating func enter(_ bytes: ByteBuffer, _ session: NBDSession) -> Action {
-        self.session = session
-        state = .transmission
-        return .enterTransmission(bytes, session)
+    private mutating func enter(_ session: NBDSession, _ reply: NBDTransmissionReply) -> Action {
+        state = .transmission(session)
+        return .enterTransmission(session, reply)
     }
 }

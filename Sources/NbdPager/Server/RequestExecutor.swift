@@ -1,0 +1,258 @@
+import Atomics
+import NIOCore
+import NIOPosix
+
+/// What the executor reports to its connection: a request went asynchronous, or finished after going
+/// asynchronous (its reply is written and flushed). Event loop only.
+protocol RequestTracking: AnyObject {
+    func requestStarted()
+    func requestFinished()
+    /// The connection is closing: no reply may be written directly from another thread any more.
+    var isClosing: Bool { get }
+}
+
+/// Runs the requests of one connection against its export and writes their replies.
+///
+/// - Requests run inline on the event loop when the storage answers without blocking (memory, tmpfs, or
+///   a page-cache hit via RWF_NOWAIT); everything else goes to the export's thread pool and replies out
+///   of order. Range operations so large that they would stall the event loop always go to the pool.
+/// - A lazy export first makes the range local (`prepare`, pulling absent pages). Its reads of absent
+///   pages are answered from the pulled data as soon as it arrives (`pendingRead`); a small one on a
+///   quiet connection is written by the thread that received the data (`DirectReplyWriter`), saving
+///   the event loop's wake-up on a page fault.
+/// - With structured replies, the all-zero blocks of a read go as OFFSET_HOLE chunks (`ZeroRuns`).
+///
+/// Asynchronous requests are reported to `tracker` (`requestStarted`/`requestFinished`) so that the
+/// connection's `ConnectionLifecycle` can apply back-pressure and close when all are answered. The
+/// connection drops `tracker` when its channel goes away.
+final class RequestExecutor<Tracker: RequestTracking> {
+    static var maxExtents: Int { 16 * 1024 }
+    static var maxInlineRangeLength: UInt32 { 64 << 20 }
+
+    let export: Export
+    let writer: ReplyWriter
+    var tracker: Tracker?
+
+    init(export: Export, writer: ReplyWriter, tracker: Tracker) {
+        self.export = export
+        self.writer = writer
+        self.tracker = tracker
+    }
+
+    private var eventLoop: any EventLoop { writer.context.eventLoop }
+
+    func run(_ request: NBDRequest, payload: ByteBuffer?) {
+        let backend = export.backend
+        if request.command == .read, backend.capabilities.pendingReads,
+           let data = pendingRead(request) {
+            tracker?.requestStarted()
+            data.future.assumeIsolated().whenComplete { result in
+                switch result {
+                case .success(let bytes):
+                    // Already written from the source's thread when `sent` is set.
+                    if !data.sent.load(ordering: .sequentiallyConsistent) {
+                        self.writer.sendReadReply(request, data: bytes)
+                    }
+                case .failure(let error):
+                    self.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+                }
+                self.finished()
+            }
+            return
+        }
+        let ready: EventLoopFuture<Void>?
+        switch request.command {
+        case .read, .cache:
+            ready = backend.prepare(offset: request.offset, length: UInt64(request.length), forWrite: false,
+                                    eventLoop: eventLoop)
+        case .write, .trim, .writeZeroes:
+            ready = backend.prepare(offset: request.offset, length: UInt64(request.length), forWrite: true,
+                                    eventLoop: eventLoop)
+        case .flush, .blockStatus, .disconnect:
+            ready = nil
+        }
+        guard let ready else {
+            execute(request, payload: payload)
+            return
+        }
+        tracker?.requestStarted()
+        ready.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success:
+                self.execute(request, payload: payload)
+            case .failure(let error):
+                self.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+            }
+            self.finished()
+        }
+    }
+
+    /// An asynchronous request is done: its reply is queued (or it was started again, inline or on the
+    /// pool, counted again).
+    private func finished() {
+        writer.flushIfNeeded()
+        tracker?.requestFinished()
+    }
+
+    private func execute(_ request: NBDRequest, payload: ByteBuffer?) {
+        let backend = export.backend
+        // Memory-speed storage runs inline, except range operations so large (multi-GiB zeroing) that
+        // they would stall every other connection on this event loop.
+        let inline = backend.capabilities.inlineSafe && request.length <= Self.maxInlineRangeLength
+        switch request.command {
+        case .read:
+            runRead(request)
+        case .write:
+            runWrite(request, payload: payload ?? ByteBuffer())
+        case .blockStatus:
+            let maxExtents = request.flags.contains(.reqOne) ? 1 : Self.maxExtents
+            let cookie = request.cookie
+            perform(inline: inline, cookie: cookie) {
+                let extents = try backend.blockStatus(offset: request.offset, length: UInt64(request.length),
+                                                      maxExtents: maxExtents)
+                var b = ByteBuffer()
+                b.writeBlockStatusReply(cookie: cookie, contextID: NBDLimits.baseAllocationContextID, extents: extents)
+                return b
+            }
+        case .flush, .trim, .writeZeroes, .cache:
+            let cookie = request.cookie
+            perform(inline: inline, cookie: cookie) {
+                let offset = request.offset, length = UInt64(request.length), fua = request.flags.contains(.fua)
+                switch request.command {
+                case .flush: try backend.flush()
+                case .trim: try backend.trim(offset: offset, length: length, fua: fua)
+                case .writeZeroes:
+                    try backend.zero(offset: offset, length: length, mayTrim: !request.flags.contains(.noHole),
+                                     fast: request.flags.contains(.fastZero), fua: fua)
+                case .cache: try backend.cache(offset: offset, length: length)
+                default: break
+                }
+                var b = ByteBuffer()
+                b.writeSimpleReply(error: .ok, cookie: cookie)
+                return b
+            }
+        case .disconnect:
+            break  // handled by the state machine
+        }
+    }
+
+    /// Runs `body` (which builds the reply) inline or on the thread pool, and sends its reply or error.
+    private func perform(inline: Bool, cookie: UInt64, _ body: @escaping @Sendable () throws -> ByteBuffer) {
+        if inline {
+            do {
+                writer.send(try body())
+            } catch {
+                writer.sendError(NBDErrno(error), cookie: cookie, message: "\(error)")
+            }
+            return
+        }
+        offload(cookie: cookie, body)
+    }
+
+    private func offload(cookie: UInt64, _ body: @escaping @Sendable () throws -> ByteBuffer) {
+        tracker?.requestStarted()
+        export.threadPool.runIfActive(eventLoop: eventLoop, body).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let reply):
+                self.writer.send(reply)
+            case .failure(let error):
+                self.writer.sendError(NBDErrno(error), cookie: cookie, message: "\(error)")
+            }
+            self.finished()
+        }
+    }
+
+    /// A read of absent pages of a lazy export: its data future, and whether the reply has already been
+    /// written directly by the thread that received the data (small replies on a quiet connection).
+    private func pendingRead(_ request: NBDRequest) -> (future: EventLoopFuture<ByteBuffer>, sent: ManagedAtomic<Bool>)? {
+        let sent = ManagedAtomic<Bool>(false)
+        var early: (@Sendable (ByteBuffer) -> Void)? = nil
+        if let direct = writer.direct, !(tracker?.isClosing ?? true),
+           Int(request.length) + 32 <= DirectReplyWriter.maxDirectReply {
+            let structured = writer.structured
+            early = { data in
+                let header = ReplyWriter.readReplyHeader(request, dataLength: data.readableBytes, structured: structured)
+                if direct.tryWrite(header: header, data: data) { sent.store(true, ordering: .sequentiallyConsistent) }
+            }
+        }
+        guard let future = export.backend.pendingRead(offset: request.offset, length: UInt64(request.length),
+                                                      eventLoop: eventLoop, early: early) else { return nil }
+        return (future, sent)
+    }
+
+    private func runRead(_ request: NBDRequest) {
+        let length = Int(request.length)
+        let structured = writer.structured
+        let backend = export.backend
+        let headerLength = ByteBuffer.readReplyHeaderLength(structured: structured)
+        @Sendable func header(_ b: inout ByteBuffer) {
+            b.writeReadReplyHeader(cookie: request.cookie, offset: request.offset, dataLength: length,
+                                   structured: structured)
+        }
+        var reply = writer.allocator.buffer(capacity: 28 + length)
+        header(&reply)
+        do {
+            let done = try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                try backend.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]),
+                                 offset: request.offset, nonBlocking: true)
+            }
+            if done == length {
+                writer.send(Self.zeroHoles(reply, request, headerLength: headerLength, structured: structured))
+                return
+            }
+        } catch {
+            writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+            return
+        }
+        // Would block: read it all on the pool into a fresh buffer (the partial bytes are cheap to re-read).
+        let allocator = writer.allocator
+        offload(cookie: request.cookie) {
+            var b = allocator.buffer(capacity: 28 + length)
+            header(&b)
+            _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                try backend.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]),
+                                 offset: request.offset, nonBlocking: false)
+            }
+            return Self.zeroHoles(b, request, headerLength: headerLength, structured: structured)
+        }
+    }
+
+    /// A complete read reply with its zero blocks sent as holes (structured replies only).
+    private static func zeroHoles(_ reply: ByteBuffer, _ request: NBDRequest, headerLength: Int,
+                                  structured: Bool) -> ByteBuffer {
+        guard structured else { return reply }
+        return ZeroRuns.withHoles(reply, headerLength: headerLength, dataLength: Int(request.length),
+                                  offset: request.offset, cookie: request.cookie,
+                                  dontFragment: request.flags.contains(.dontFragment))
+    }
+
+    private func runWrite(_ request: NBDRequest, payload: ByteBuffer) {
+        let backend = export.backend
+        let fua = request.flags.contains(.fua)
+        let cookie = request.cookie
+        let done: Int
+        do {
+            done = try payload.withUnsafeReadableBytes { ptr in
+                try backend.write(from: ptr, offset: request.offset, fua: fua, nonBlocking: true)
+            }
+        } catch {
+            writer.sendError(NBDErrno(error), cookie: cookie, message: "\(error)")
+            return
+        }
+        if done == payload.readableBytes {
+            var b = writer.allocator.buffer(capacity: 16)
+            b.writeSimpleReply(error: .ok, cookie: cookie)
+            writer.send(b)
+            return
+        }
+        offload(cookie: cookie) {
+            _ = try payload.withUnsafeReadableBytes { ptr in
+                try backend.write(from: UnsafeRawBufferPointer(rebasing: ptr[done...]),
+                                  offset: request.offset + UInt64(done), fua: fua, nonBlocking: false)
+            }
+            var b = ByteBuffer()
+            b.writeSimpleReply(error: .ok, cookie: cookie)
+            return b
+        }
+    }
+}
