@@ -20,6 +20,8 @@ final class WriteExclusion: @unchecked Sendable {
     private var writing: [Range<UInt64>] = []
     /// Page ranges being stored from pulled data (or the zero-map import) now.
     private var storing: [Range<UInt64>] = []
+    /// Writers waiting for a store to end right now (tests watch it).
+    private var blockedWriters = 0
     /// How long a writer or reader waits before failing with EIO (a store or a write that never ends).
     let timeout: Duration
 
@@ -68,6 +70,8 @@ final class WriteExclusion: @unchecked Sendable {
         let deadline = Condition.deadline(after: timeout)
         try condition.withLock {
             while storing.contains(where: { $0.overlaps(pages) }) {
+                blockedWriters += 1
+                defer { blockedWriters -= 1 }
                 guard condition.wait(until: deadline) else {
                     throw BackendError.system(SystemError("pages \(pages) stayed busy", errno: EIO))
                 }
@@ -98,8 +102,10 @@ final class WriteExclusion: @unchecked Sendable {
         }
     }
 
-    /// Pages in use right now, for tests.
-    var busy: (writing: [Range<UInt64>], storing: [Range<UInt64>]) { condition.withLock { (writing, storing) } }
+    /// Pages in use and writers waiting right now, for tests.
+    var busy: (writing: [Range<UInt64>], storing: [Range<UInt64>], blockedWriters: Int) {
+        condition.withLock { (writing, storing, blockedWriters) }
+    }
 }
 
 /// A mutex with one condition variable (pthread, CLOCK_MONOTONIC deadlines).
