@@ -276,6 +276,24 @@ final class LazyBackendTests: LazyTestCase {
         for p in stride(from: 0, to: 16, by: 2) { XCTAssertEqual(backend.store.state(of: UInt64(p)), .present) }
     }
 
+    /// A blocking read of an absent page without `prepare` (a pull skipped it): it pulls the page
+    /// itself through the export's own event loop and waits for it on the calling pool thread.
+    func testBlockingReadOfAnAbsentPagePullsItThroughTheInjectedLoop() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let source = FakeSource(data: fakeImage(pages: 8))
+        let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
+        let backend = LazyBackend(store: store, source: source, fetchSize: 4096, logger: Logger(label: "test"),
+                                  eventLoop: group.next(), threadPool: lazyTestPool)
+        var out = [UInt8](repeating: 0, count: 4096)
+        let n = try out.withUnsafeMutableBytes { try backend.read(into: $0, offset: 6 * 4096, nonBlocking: false) }
+        XCTAssertEqual(n, 4096)
+        XCTAssertEqual(out, Array(source.data[6 * 4096 ..< 7 * 4096]))
+        XCTAssertEqual(source.readLog.map(\.0), [6 * 4096])
+        XCTAssertEqual(backend.status().demandMisses, 0, "not a client's demand miss")
+        try backend.close()
+    }
+
     // MARK: periodic commit
 
     func testPeriodicCommitRunsOnTheLoopsScheduleOnThePool() throws {

@@ -160,6 +160,26 @@ final class PrefetcherTests: LazyTestCase {
         p.stop()
     }
 
+    func testDemandMissesNeverWaitBehindHeldBackgroundPulls() throws {
+        let (backend, demand, background) = try makeBackend(pages: 32)
+        background.hold()
+        let pulls = backend.startBackground(0 ..< 16, eventLoop: loop)
+        XCTAssertEqual(pulls.count, 1)
+        loop.run()
+        XCTAssertEqual(background.pendingCount, 1)
+        let f = try XCTUnwrap(backend.prepare(offset: 20 * 4096, length: 4096, forWrite: false, eventLoop: loop))
+        try result(f, on: loop)
+        XCTAssertEqual(demand.readLog.map(\.0), [20 * 4096], "the miss went through the demand source")
+        XCTAssertFalse(isDone(pulls[0].stored, on: loop), "while the background pull is still held")
+        // A miss inside the background pull's pages joins it (single flight) instead of reading again.
+        let joined = try XCTUnwrap(backend.prepare(offset: 3 * 4096, length: 4096, forWrite: false, eventLoop: loop))
+        XCTAssertFalse(isDone(joined, on: loop))
+        background.release()
+        try result(pulls[0].stored, on: loop)
+        try result(joined, on: loop)
+        XCTAssertEqual(demand.readLog.count, 1)
+    }
+
     func testFaultListParsesAndRejects() throws {
         let ranges = try FaultList.parse("# hot pages\n4096 4096\n\n  8K\t1K \n1M 4K\n", size: 2 << 20, source: "t")
         XCTAssertEqual(ranges, [4096 ..< 8192, 8192 ..< 9216, 1048576 ..< 1052672])
