@@ -185,6 +185,14 @@ struct Serve: ParsableCommand {
             if let warning = SwapSafety.memoryCgroupWarning() { logger.warning("\(warning)") }
         }
 
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        let pool = NIOThreadPool(numberOfThreads: threads)
+        pool.start()
+        defer {
+            try? pool.syncShutdownGracefully()
+            try? group.syncShutdownGracefully()
+        }
+
         let backend: any BlockBackend
         let text: String
         do {
@@ -192,7 +200,7 @@ struct Serve: ParsableCommand {
                 backend = try FileBackend.open(path: file, readOnly: readonly)
                 text = description ?? "file \(file)"
             } else if let source, let store {
-                backend = try openLazy(source: source, store: store, logger: logger)
+                backend = try openLazy(source: source, store: store, eventLoop: group.next(), pool: pool, logger: logger)
                 text = description ?? "lazy copy of \(source)"
             } else {
                 let size = memory ?? 0
@@ -215,13 +223,6 @@ struct Serve: ParsableCommand {
             return s
         }
 
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
-        let pool = NIOThreadPool(numberOfThreads: threads)
-        pool.start()
-        defer {
-            try? pool.syncShutdownGracefully()
-            try? group.syncShutdownGracefully()
-        }
         if swap {
             do {
                 try checkSwapThreads(group: group, pool: pool, logger: logger)
@@ -265,20 +266,10 @@ struct Serve: ParsableCommand {
             }
         }
         // Lazy exports commit their page state at least once a second (FLUSH/FUA commit at once).
-        var committer: (any DispatchSourceTimer)?
-        if let lazy = backend as? LazyBackend {
-            let timer = DispatchSource.makeTimerSource(queue: .global())
-            timer.schedule(deadline: .now() + 1, repeating: 1)
-            timer.setEventHandler {
-                do { try lazy.store.commit() } catch { logger.error("committing the page store: \(error)") }
-            }
-            timer.resume()
-            committer = timer
-        }
+        (backend as? LazyBackend)?.startPeriodicCommit(every: .seconds(1))
         stop.wait()
         progressLine?.cancel()
         prefetcher?.stop()
-        committer?.cancel()
         logger.info("signal received, shutting down")
         control?.stop()
         server.shutdown()
@@ -288,9 +279,10 @@ struct Serve: ParsableCommand {
     }
 
     /// Connects to the source, opens (or creates) the store, and marks the source's zero extents present.
-    private func openLazy(source uri: String, store directory: String, logger: Logger) throws -> LazyBackend {
+    private func openLazy(source uri: String, store directory: String, eventLoop: any EventLoop, pool: NIOThreadPool,
+                          logger: Logger) throws -> LazyBackend {
         let connections = sourceConnections
-        let remote = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), logger: logger) {
+        let remote = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), threadPool: pool, logger: logger) {
             try LibnbdSource.connect(uri: uri, connections: connections, logger: logger)
         }
         let pages: PageStore
@@ -304,7 +296,7 @@ struct Serve: ParsableCommand {
         if Prefetcher.Mode(rawValue: prefetch) != .off && pages.snapshot().absent > 0 {
             let n = prefetchConnections
             do {
-                background = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), logger: logger) {
+                background = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), threadPool: pool, logger: logger) {
                     try LibnbdSource.connect(uri: uri, connections: n, logger: logger)
                 }
             } catch {
@@ -314,7 +306,7 @@ struct Serve: ParsableCommand {
             }
         }
         let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger,
-                               backgroundSource: background, gated: gated)
+                               eventLoop: eventLoop, threadPool: pool, backgroundSource: background, gated: gated)
         let snap = pages.snapshot()
         logger.info("store \(directory): \(snap.present) present, \(snap.local) local, \(snap.absent) absent pages")
         if gated {
@@ -345,7 +337,7 @@ struct Serve: ParsableCommand {
             config.hotList = try FaultList.read(path: hotList, size: lazy.size)
             logger.info("hot list \(hotList): \(config.hotList.count) ranges to pull first")
         }
-        return Prefetcher(backend: lazy, config: config, eventLoop: eventLoop, logger: logger)
+        return Prefetcher(target: lazy, config: config, eventLoop: eventLoop, logger: logger)
     }
 
     /// With --progress or a terminal on stderr: a progress line, rewritten every second until complete.

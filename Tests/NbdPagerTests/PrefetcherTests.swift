@@ -2,31 +2,21 @@ import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOEmbedded
 import NIOPosix
 import XCTest
 @testable import NbdPager
 
-final class PrefetcherTests: XCTestCase {
-    static let page = 4096
-    var dir = ""
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-
-    override func setUpWithError() throws {
-        dir = "/tmp/prefetch-test-\(getpid())-\(UInt32.random(in: 0 ... .max))"
-    }
-
-    override func tearDownWithError() throws {
-        try? FileManager.default.removeItem(atPath: dir)
-        try group.syncShutdownGracefully()
-    }
-
+/// The background pull on an `EmbeddedEventLoop`: its clock is the loop's virtual time, and its pulls
+/// complete when the loop runs.
+final class PrefetcherTests: LazyTestCase {
     func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = []) throws -> (LazyBackend, FakeSource, FakeSource) {
         let bytes = fakeImage(pages: pages, zeroRanges: zeroRanges)
         let demand = FakeSource(data: bytes, zeroRanges: zeroRanges)
         let background = FakeSource(data: bytes, zeroRanges: zeroRanges)
         let store = try PageStore.open(directory: dir, size: demand.size, identity: "fake", reset: false)
         let backend = LazyBackend(store: store, source: demand, fetchSize: 4096, logger: Logger(label: "test"),
-                                  backgroundSource: background)
+                                  eventLoop: loop, threadPool: lazyTestPool, backgroundSource: background)
         return (backend, demand, background)
     }
 
@@ -34,13 +24,14 @@ final class PrefetcherTests: XCTestCase {
         var config = Prefetcher.Configuration()
         config.batchBytes = 16 * 4096
         configure(&config)
-        return Prefetcher(backend: backend, config: config, eventLoop: group.next(), logger: Logger(label: "test"))
+        return Prefetcher(target: backend, config: config, eventLoop: loop, logger: Logger(label: "test"))
     }
 
-    func waitComplete(_ backend: LazyBackend, seconds: Double = 10) {
-        let deadline = Date().addingTimeInterval(seconds)
-        while !backend.store.isComplete && Date() < deadline { usleep(2000) }
-        XCTAssertTrue(backend.store.isComplete, "the export never became complete")
+    /// Runs the loop, advancing virtual time a millisecond at a time, until the export is complete.
+    func runUntilComplete(_ backend: LazyBackend, file: StaticString = #filePath, line: UInt = #line) {
+        loop.run()
+        for _ in 0 ..< 10_000 where !backend.store.isComplete { loop.advanceTime(by: .milliseconds(1)) }
+        XCTAssertTrue(backend.store.isComplete, "the export never became complete", file: file, line: line)
     }
 
     /// Pages covered by the reads, each counted once per read.
@@ -52,14 +43,14 @@ final class PrefetcherTests: XCTestCase {
         return c
     }
 
-    func testPullsEveryNonZeroPageOnceThroughTheBackgroundSource() async throws {
+    func testPullsEveryNonZeroPageOnceThroughTheBackgroundSource() throws {
         let zero: Range<UInt64> = 10 * 4096 ..< 30 * 4096
         let (backend, demand, background) = try makeBackend(pages: 64, zeroRanges: [zero])
-        let marked = try await backend.markSourceZeros()
+        let marked = try blocking { try await backend.markSourceZeros() }
         XCTAssertEqual(marked, 20)
         let p = prefetcher(backend) { $0.mode = .sequential }
         p.start()
-        waitComplete(backend)
+        runUntilComplete(backend)
         p.stop()
         XCTAssertTrue(demand.readLog.isEmpty, "background pulls use the background source")
         let c = coverage(background.readLog)
@@ -78,11 +69,12 @@ final class PrefetcherTests: XCTestCase {
         let p = prefetcher(backend)
         p.pause()
         p.start()
-        usleep(100_000)
+        loop.run()
+        loop.advanceTime(by: .seconds(5))
         XCTAssertTrue(background.readLog.isEmpty, "paused before it started: nothing is read")
         XCTAssertEqual(p.status().state, .paused)
         p.resume()
-        waitComplete(backend)
+        runUntilComplete(backend)
         p.stop()
         XCTAssertEqual(coverage(background.readLog).count, 32)
     }
@@ -94,8 +86,12 @@ final class PrefetcherTests: XCTestCase {
             $0.hotList = [50 * 4096 ..< 52 * 4096, 20 * 4096 + 100 ..< 20 * 4096 + 200]
             $0.maxInFlight = 8192  // one two-page pull at a time, so the order is the log's order
         }
+        background.hold()
         p.start()
-        waitComplete(backend)
+        loop.run()
+        XCTAssertEqual(background.readLog.map { "\($0.0)+\($0.1)" }, ["\(50 * 4096)+8192"], "one pull at a time")
+        background.release()
+        runUntilComplete(backend)
         p.stop()
         let first = background.readLog.prefix(2).map { "\($0.0)+\($0.1)" }
         XCTAssertEqual(first, ["\(50 * 4096)+8192", "\(20 * 4096)+4096"])
@@ -110,16 +106,16 @@ final class PrefetcherTests: XCTestCase {
         }
         p.pause()
         p.start()
-        for _ in 0 ..< 1000 where p.status().state != .paused { usleep(1000) }
+        loop.run()
         XCTAssertEqual(p.status().state, .paused, "started (and watching misses), paused")
         // A demand miss at page 200 while paused (the demand source serves it).
-        if let f = backend.prepare(offset: 200 * 4096, length: 4096, forWrite: false, eventLoop: group.next()) {
-            try f.wait()
+        if let f = backend.prepare(offset: 200 * 4096, length: 4096, forWrite: false, eventLoop: loop) {
+            try result(f, on: loop)
         }
-        usleep(50_000)
+        loop.advanceTime(by: .seconds(1))
         XCTAssertTrue(background.readLog.isEmpty)
         p.resume()
-        waitComplete(backend)
+        runUntilComplete(backend)
         p.stop()
         let firstPage = background.readLog.first.map { $0.0 / 4096 }
         XCTAssertNotNil(firstPage)
@@ -132,18 +128,56 @@ final class PrefetcherTests: XCTestCase {
         let (backend, demand, _) = try makeBackend(pages: 64)
         // A fetch size of 4 pages, but with the background pull running a miss moves one page.
         let store = backend.store
+        let quiet = FakeSource(data: demand.data)
         let wide = LazyBackend(store: store, source: demand, fetchSize: 4 * 4096, logger: Logger(label: "test"),
-                               backgroundSource: FakeSource(data: demand.data))
-        let p = prefetcher(wide) { $0.maxRate = 1 }  // started, but pulling (almost) nothing
+                               eventLoop: loop, threadPool: lazyTestPool, backgroundSource: quiet)
+        let p = prefetcher(wide) { $0.maxRate = 1 }  // started, but pulling nothing while virtual time stands still
         p.start()
-        usleep(50_000)
-        if let f = wide.prepare(offset: 41 * 4096, length: 100, forWrite: false, eventLoop: group.next()) { try f.wait() }
+        loop.run()
+        XCTAssertTrue(quiet.readLog.isEmpty)
+        if let f = wide.prepare(offset: 41 * 4096, length: 100, forWrite: false, eventLoop: loop) { try result(f, on: loop) }
         XCTAssertEqual(demand.readLog.map { "\($0.0)+\($0.1)" }, ["\(41 * 4096)+4096"])
         p.pause()
-        usleep(50_000)
-        if let f = wide.prepare(offset: 49 * 4096, length: 100, forWrite: false, eventLoop: group.next()) { try f.wait() }
+        loop.run()
+        if let f = wide.prepare(offset: 49 * 4096, length: 100, forWrite: false, eventLoop: loop) { try result(f, on: loop) }
         XCTAssertEqual(demand.readLog.last.map { "\($0.0)+\($0.1)" }, "\(48 * 4096)+16384", "paused: whole fetch windows again")
         p.stop()
+    }
+
+    func testRateLimitFollowsVirtualTime() throws {
+        let (backend, _, background) = try makeBackend(pages: 256)
+        let p = prefetcher(backend) {
+            $0.mode = .sequential
+            $0.maxRate = 16 * 4096  // one 16-page batch per second
+        }
+        p.start()
+        loop.run()
+        XCTAssertTrue(background.readLog.isEmpty, "the bucket starts empty")
+        loop.advanceTime(by: .seconds(10))
+        XCTAssertTrue((10 ... 11).contains(background.readLog.count),
+                      "10 s at one batch per second, got \(background.readLog.count) batches")
+        XCTAssertFalse(backend.store.isComplete)
+        p.stop()
+    }
+
+    func testDemandMissesNeverWaitBehindHeldBackgroundPulls() throws {
+        let (backend, demand, background) = try makeBackend(pages: 32)
+        background.hold()
+        let pulls = backend.startBackground(0 ..< 16, eventLoop: loop)
+        XCTAssertEqual(pulls.count, 1)
+        loop.run()
+        XCTAssertEqual(background.pendingCount, 1)
+        let f = try XCTUnwrap(backend.prepare(offset: 20 * 4096, length: 4096, forWrite: false, eventLoop: loop))
+        try result(f, on: loop)
+        XCTAssertEqual(demand.readLog.map(\.0), [20 * 4096], "the miss went through the demand source")
+        XCTAssertFalse(isDone(pulls[0].stored, on: loop), "while the background pull is still held")
+        // A miss inside the background pull's pages joins it (single flight) instead of reading again.
+        let joined = try XCTUnwrap(backend.prepare(offset: 3 * 4096, length: 4096, forWrite: false, eventLoop: loop))
+        XCTAssertFalse(isDone(joined, on: loop))
+        background.release()
+        try result(pulls[0].stored, on: loop)
+        try result(joined, on: loop)
+        XCTAssertEqual(demand.readLog.count, 1)
     }
 
     func testFaultListParsesAndRejects() throws {

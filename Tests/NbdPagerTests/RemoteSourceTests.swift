@@ -1,7 +1,9 @@
 import Foundation
 import Glibc
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import XCTest
 @testable import NbdPager
 
@@ -524,5 +526,33 @@ final class RemoteSourceTests: XCTestCase {
         for _ in 0..<5 { try connectAndDrop() }
         let after = threadCount()
         XCTAssertLessThan(after, before + 3, "threads before \(before), after \(after)")
+    }
+}
+
+final class ReconnectingSourceTests: XCTestCase {
+    /// The connection drops while idle: the next read reconnects, and the (blocking) connect runs on
+    /// the thread pool the source was given, not on a process-wide one.
+    func testReconnectsRunOnTheInjectedThreadPool() async throws {
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        let poolThread = try await pool.runIfActive { UInt(bitPattern: Int(bitPattern: pthread_self())) }
+        let connects = NIOLockedValueBox<[UInt]>([])
+        let data = fakeImage(pages: 4)
+        let first = FakeSource(data: data)
+        let source = try ReconnectingSource(timeout: .seconds(30), threadPool: pool, logger: Logger(label: "test")) {
+            let isFirst = connects.withLockedValue {
+                $0.append(UInt(bitPattern: Int(bitPattern: pthread_self())))
+                return $0.count == 1
+            }
+            return isFirst ? first : FakeSource(data: data)
+        }
+        first.close()
+        let got = try await source.read(offset: 4096, length: 4096)
+        XCTAssertEqual(got.bytes, Array(data[4096 ..< 8192]))
+        let threads = connects.withLockedValue { $0 }
+        XCTAssertEqual(threads.count, 2)
+        XCTAssertEqual(threads.last, poolThread, "the reconnect ran on the injected pool")
+        source.close()
+        try await pool.shutdownGracefully()
     }
 }

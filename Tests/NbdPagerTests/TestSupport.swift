@@ -1,4 +1,8 @@
+import Dispatch
+import NIOConcurrencyHelpers
 import NIOCore
+import NIOEmbedded
+import NIOPosix
 import XCTest
 @testable import NbdPager
 
@@ -238,4 +242,161 @@ func feedAll(_ machine: inout NBDServerStateMachine, _ bytes: [UInt8]) -> [NBDSe
     var out: [NBDServerStateMachine.Action] = []
     while let a = machine.next(from: &buffer) { out.append(a) }
     return out
+}
+
+// MARK: lazy export
+
+/// An in-memory source whose event-loop reads complete only when the test says so (while held), or at
+/// once (otherwise), on the test's thread: with an `EmbeddedEventLoop` everything a pull does happens
+/// in a known order, and "nothing happened" is a fact, not the outcome of a sleep. Counts every read.
+final class FakeSource: RemoteSource, @unchecked Sendable {
+    let data: [UInt8]
+    let zeroRanges: [Range<UInt64>]
+    private let lock = NIOLock()
+    private var reads: [(UInt64, Int)] = []
+    private var held = false
+    private var pending: [(offset: UInt64, length: Int, promise: EventLoopPromise<ByteBuffer>,
+                           report: (@Sendable (ByteBuffer) -> Void)?)] = []
+    private var closed = false
+
+    /// When set, event-loop reads report their data through `onArrival` before the future completes,
+    /// as the libnbd source does on its own thread.
+    let callsOnArrival: Bool
+
+    init(data: [UInt8], zeroRanges: [Range<UInt64>] = [], callsOnArrival: Bool = false) {
+        self.data = data
+        self.zeroRanges = zeroRanges
+        self.callsOnArrival = callsOnArrival
+    }
+
+    var isConnected: Bool { lock.withLock { !closed } }
+    var size: UInt64 { UInt64(data.count) }
+    var supportsExtents: Bool { true }
+    var readLog: [(UInt64, Int)] { lock.withLock { reads } }
+    /// Reads sent and not answered yet.
+    var pendingCount: Int { lock.withLock { pending.count } }
+    var wasClosed: Bool { lock.withLock { closed } }
+
+    func bytes(offset: UInt64, length: Int) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeBytes(data[Int(offset) ..< Int(offset) + length])
+        return b
+    }
+
+    func read(offset: UInt64, length: Int, eventLoop: any EventLoop,
+              onArrival: (@Sendable (ByteBuffer) -> Void)?) -> EventLoopFuture<ByteBuffer> {
+        let promise = eventLoop.makePromise(of: ByteBuffer.self)
+        let report = callsOnArrival ? onArrival : nil
+        let hold = lock.withLock { () -> Bool in
+            reads.append((offset, length))
+            if held { pending.append((offset, length, promise, report)) }
+            return held
+        }
+        if !hold { answer(offset: offset, length: length, promise: promise, report: report) }
+        return promise.futureResult
+    }
+
+    private func answer(offset: UInt64, length: Int, promise: EventLoopPromise<ByteBuffer>,
+                        report: (@Sendable (ByteBuffer) -> Void)?) {
+        let data = bytes(offset: offset, length: length)
+        report?(data)
+        promise.succeed(data)
+    }
+
+    /// From now on reads wait until `release()` or `releaseNext()`.
+    func hold() { lock.withLock { held = true } }
+
+    /// Answers every waiting read, oldest first, and stops holding.
+    func release() {
+        let waiting = lock.withLock { () -> [(UInt64, Int, EventLoopPromise<ByteBuffer>, (@Sendable (ByteBuffer) -> Void)?)] in
+            held = false
+            defer { pending = [] }
+            return pending.map { ($0.offset, $0.length, $0.promise, $0.report) }
+        }
+        for (offset, length, promise, report) in waiting { answer(offset: offset, length: length, promise: promise, report: report) }
+    }
+
+    /// Answers the oldest waiting read only (still holding the others); false when none waits.
+    @discardableResult
+    func releaseNext() -> Bool {
+        let next = lock.withLock { pending.isEmpty ? nil : pending.removeFirst() }
+        guard let next else { return false }
+        answer(offset: next.offset, length: next.length, promise: next.promise, report: next.report)
+        return true
+    }
+
+    func read(offset: UInt64, length: Int) async throws -> ByteBuffer {
+        lock.withLock { reads.append((offset, length)) }
+        return bytes(offset: offset, length: length)
+    }
+
+    func extents(offset: UInt64, length: UInt64) async throws -> [NBDExtent] {
+        var out: [NBDExtent] = []
+        var pos = offset
+        let end = offset + length
+        for z in zeroRanges where z.upperBound > pos && z.lowerBound < end {
+            if z.lowerBound > pos { out.append(NBDExtent(length: UInt32(z.lowerBound - pos), flags: [])) }
+            let stop = min(z.upperBound, end)
+            out.append(NBDExtent(length: UInt32(stop - max(pos, z.lowerBound)), flags: [.hole, .zero]))
+            pos = stop
+        }
+        if pos < end { out.append(NBDExtent(length: UInt32(end - pos), flags: [])) }
+        return out
+    }
+
+    func close() { lock.withLock { closed = true } }
+}
+
+/// A test image of `pages` 4 KiB pages, every byte depending on its offset and page, with the
+/// `zeroRanges` (byte ranges) zeroed.
+func fakeImage(pages: Int, zeroRanges: [Range<UInt64>] = []) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: pages * 4096)
+    for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ i / 4096 &+ 7) }
+    for z in zeroRanges { for i in z { bytes[Int(i)] = 0 } }
+    return bytes
+}
+
+/// A thread pool for the lazy export's chores (commits, closing the source), shared by the tests.
+let lazyTestPool: NIOThreadPool = {
+    let p = NIOThreadPool(numberOfThreads: 1)
+    p.start()
+    return p
+}()
+
+/// The result of a future on an `EmbeddedEventLoop`: runs the loop first; fails if it is still pending.
+func result<T: Sendable>(_ future: EventLoopFuture<T>, on loop: EmbeddedEventLoop,
+                         file: StaticString = #filePath, line: UInt = #line) throws -> T {
+    let box = NIOLockedValueBox<Result<T, any Error>?>(nil)
+    future.whenComplete { r in box.withLockedValue { $0 = r } }
+    loop.run()
+    guard let r = box.withLockedValue({ $0 }) else {
+        XCTFail("the future is still pending", file: file, line: line)
+        throw PendingFuture()
+    }
+    return try r.get()
+}
+
+/// Whether a future on an `EmbeddedEventLoop` has completed (after running the loop).
+func isDone<T: Sendable>(_ future: EventLoopFuture<T>, on loop: EmbeddedEventLoop) -> Bool {
+    let box = NIOLockedValueBox(false)
+    future.whenComplete { _ in box.withLockedValue { $0 = true } }
+    loop.run()
+    return box.withLockedValue { $0 }
+}
+
+struct PendingFuture: Error {}
+
+/// Runs async work from a synchronous test (whose thread owns an `EmbeddedEventLoop`) and waits for it.
+func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+    let done = DispatchSemaphore(value: 0)
+    let box = NIOLockedValueBox<Result<T, any Error>?>(nil)
+    Task.detached {
+        let r: Result<T, any Error>
+        do { r = .success(try await body()) } catch { r = .failure(error) }
+        box.withLockedValue { $0 = r }
+        done.signal()
+    }
+    done.wait()
+    guard let r = box.withLockedValue({ $0 }) else { throw PendingFuture() }
+    return try r.get()
 }

@@ -13,6 +13,8 @@ public final class ReconnectingSource: RemoteSource {
     public let supportsExtents: Bool
     public let timeout: TimeAmount
     private let connect: Connect
+    /// Runs the blocking reconnects.
+    private let threadPool: NIOThreadPool
     private let logger: Logger
     private let state: NIOLockedValueBox<State>
 
@@ -25,13 +27,15 @@ public final class ReconnectingSource: RemoteSource {
         var reconnecting: Task<any RemoteSource, any Error>?
     }
 
-    /// Connects once (failing at once if the source cannot be reached at start-up).
-    public init(timeout: TimeAmount, logger: Logger, connect: @escaping Connect) throws {
+    /// Connects once (failing at once if the source cannot be reached at start-up); later reconnects
+    /// (blocking) run on `threadPool`.
+    public init(timeout: TimeAmount, threadPool: NIOThreadPool, logger: Logger, connect: @escaping Connect) throws {
         let first = try connect()
         self.size = first.size
         self.supportsExtents = first.supportsExtents
         self.timeout = timeout
         self.connect = connect
+        self.threadPool = threadPool
         self.logger = logger
         self.state = NIOLockedValueBox(State(current: first))
     }
@@ -125,9 +129,10 @@ public final class ReconnectingSource: RemoteSource {
                 }
                 let old = s.current
                 let connect = self.connect
+                let pool = self.threadPool
                 let t = Task<any RemoteSource, any Error> {
                     old?.close()
-                    return try await NIOThreadPool.singleton.runIfActive { try connect() }
+                    return try await pool.runIfActive { try connect() }
                 }
                 s.reconnecting = t
                 return .wait(t)

@@ -3,20 +3,19 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// Pulls a lazy export's absent pages in the background until every page is local, without getting in
-/// the way of demand misses.
+/// Runs the background pull of a lazy export's absent pages until every page is local, without getting
+/// in the way of demand misses. `PrefetchPolicy` decides which pages come next; this scheduler decides
+/// when, and talks to the export only through `BackgroundPullTarget`.
 ///
-/// - Order: hints first (the hot list, then windows around recent misses in adaptive mode), then a sweep
-///   over the absent pages from a cursor; present, local and zero pages are skipped.
-/// - Demand first: background pulls go through their own source connection(s) (`LazyBackend.backgroundSource`),
-///   at most `maxInFlight` bytes of them at once, and only `demandInFlight` bytes while a client waits for
-///   a miss (or did within `demandQuiet`). While the background pull runs, a demand miss pulls only the
-///   pages it waits for (no fetch window): its neighbours come through the background, so the miss
-///   moves as few bytes as possible over a link it shares.
+/// - Demand first: background pulls go through their own source connection(s), at most `maxInFlight`
+///   bytes of them at once, and only `demandInFlight` bytes while a client waits for a miss (or did
+///   within `demandQuiet`). While the background pull runs, a demand miss pulls only the pages it waits
+///   for (no fetch window): its neighbours come through the background.
 /// - `maxRate` caps the background traffic (a token bucket); demand misses are never limited.
 ///
-/// All state lives on one event loop; the public methods may be called from any thread.
-public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
+/// All state lives on `eventLoop`, whose `now` is its clock (an `EmbeddedEventLoop` in tests advances
+/// virtual time); the public methods may be called from any thread.
+public final class Prefetcher: DemandObserver, @unchecked Sendable {
     public enum Mode: String, Sendable, CaseIterable {
         /// No background pulls: pages arrive on demand only.
         case off
@@ -67,48 +66,51 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
         public var maxRate: UInt64?
     }
 
-    private let backend: LazyBackend
+    private let target: any BackgroundPullTarget
     private let config: Configuration
     private let eventLoop: any EventLoop
     private let logger: Logger
-    private let pageSize: UInt64
-    private let pageCount: UInt64
+    private let geometry: PageGeometry
 
     // Event-loop state.
+    private var policy: PrefetchPolicy
     private var started = false
     private var paused = false
     private var finished = false
-    private var cursor: UInt64 = 0
-    /// Page ranges to pull before the sweep, most urgent first.
-    private var hints = CircularBuffer<Range<UInt64>>()
     private var inFlight: UInt64 = 0
-    private var tokens: Double = 0
-    private var lastRefill = NIODeadline.now()
+    private var bucket: TokenBucket?
     private var wakeup: Scheduled<Void>?
     private var ticker: RepeatedTask?
     private var pumpQueued = false
-    /// Adaptive pre-paging: the window (pages) and where the last miss ended.
-    private var window: UInt64
-    private var lastMissEnd: UInt64?
-    private var lastMissAt = NIODeadline.distantPast
+    /// When the last demand miss was taken (nil: none yet; a clock may start at zero).
+    private var lastMissAt: NIODeadline?
     /// Rate estimate: bytes and time at the start of the current measuring interval.
-    private var rateMark: (at: NIODeadline, bytes: UInt64) = (.now(), 0)
+    private var rateMark: (at: NIODeadline, bytes: UInt64)
     private let statusBox = NIOLockedValueBox<(state: State, rate: Double)>((.off, 0))
-
     private let backgroundBytes = ManagedAtomic<UInt64>(0)
+    /// Misses reported from any thread, taken on the event loop.
+    private let misses = NIOLockedValueBox<[Range<UInt64>]>([])
+    /// Faults recorded for `--record-faults`, not yet written.
+    private var recorded: [Range<UInt64>] = []
+    private var recordFailed = false
 
-    public init(backend: LazyBackend, config: Configuration, eventLoop: any EventLoop, logger: Logger) {
-        self.backend = backend
+    public init(target: any BackgroundPullTarget, config: Configuration, eventLoop: any EventLoop, logger: Logger) {
+        let geometry = target.pageGeometry
+        self.target = target
         self.config = config
         self.eventLoop = eventLoop
         self.logger = logger
-        self.pageSize = backend.store.pageSize
-        self.pageCount = backend.store.pageCount
-        self.window = max(1, config.minWindow / backend.store.pageSize)
-        for r in config.hotList {
-            let pages = backend.geometry.pages(covering: r.lowerBound, length: r.upperBound - r.lowerBound)
-            if !pages.isEmpty { hints.append(pages) }
-        }
+        self.geometry = geometry
+        self.policy = PrefetchPolicy(
+            pageCount: geometry.pageCount, adaptive: config.mode == .adaptive,
+            minWindow: config.minWindow / geometry.pageSize, maxWindow: config.maxWindow / geometry.pageSize,
+            hotList: config.hotList.map { geometry.pages(covering: $0.lowerBound, length: $0.upperBound - $0.lowerBound) })
+        self.rateMark = (eventLoop.now, 0)
+    }
+
+    /// Runs `body` on the event loop and waits for it (at once when already there).
+    private func onLoop(_ body: @escaping @Sendable () -> Void) {
+        if eventLoop.inEventLoop { body() } else { try? eventLoop.submit(body).wait() }
     }
 
     // MARK: control
@@ -118,18 +120,18 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
         eventLoop.execute { [self] in
             guard !started else { return }
             started = true
-            backend.setDemandObserver(self)
+            target.setDemandObserver(self)
             ticker = eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(500), delay: .milliseconds(500)) { [self] _ in
-                if !finished { updateRate(.now()) }
+                if !finished { updateRate(eventLoop.now) }
                 pump()
                 flushRecorded()
             }
             guard config.mode != .off else { return }
             setState(paused ? .paused : .running)
-            backend.setDemandPagesOnly(!paused)
-            tokens = 0  // a rate-limited pull starts at the rate, not with a burst
-            lastRefill = .now()
-            rateMark = (.now(), backgroundBytes.load(ordering: .relaxed))
+            target.setDemandPagesOnly(!paused)
+            // A rate-limited pull starts at the rate, not with a burst.
+            bucket = config.maxRate.map { TokenBucket(rate: $0, capacity: config.batchBytes, now: eventLoop.now) }
+            rateMark = (eventLoop.now, backgroundBytes.load(ordering: .relaxed))
             pump()
         }
     }
@@ -139,7 +141,7 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
             paused = true
             if config.mode != .off && !finished && started {
                 setState(.paused)
-                backend.setDemandPagesOnly(false)
+                target.setDemandPagesOnly(false)
             }
         }
     }
@@ -149,7 +151,7 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
             paused = false
             if config.mode != .off && !finished && started {
                 setState(.running)
-                backend.setDemandPagesOnly(true)
+                target.setDemandPagesOnly(true)
                 pump()
             }
         }
@@ -157,19 +159,19 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
 
     /// Stops issuing pulls (those in flight finish) and writes the recorded faults. For shutdown.
     public func stop() {
-        try? eventLoop.submit { [self] in
+        onLoop { [self] in
             finished = true
             wakeup?.cancel()
             ticker?.cancel()
-            backend.setDemandObserver(nil)
-            backend.setDemandPagesOnly(false)
+            target.setDemandObserver(nil)
+            target.setDemandPagesOnly(false)
             takeMisses()
             flushRecorded()
-        }.wait()
+        }
     }
 
     public func status() -> Status {
-        let snap = backend.store.snapshot()
+        let snap = target.pageCounts()
         let (state, rate) = statusBox.withLockedValue { ($0.state, $0.rate) }
         let done = snap.pageCount - snap.absent
         let progress = snap.pageCount == 0 ? 1 : Double(done) / Double(snap.pageCount)
@@ -177,7 +179,7 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
         if snap.absent == 0 {
             eta = 0
         } else if rate > 0 && state == .running {
-            eta = Double(snap.absent * pageSize) / rate
+            eta = Double(snap.absent * geometry.pageSize) / rate
         }
         return Status(mode: config.mode, state: snap.absent == 0 && config.mode != .off ? .done : state,
                       backgroundBytes: backgroundBytes.load(ordering: .relaxed), rate: rate, progress: progress,
@@ -203,35 +205,13 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
         }
     }
 
-    private let misses = NIOLockedValueBox<[Range<UInt64>]>([])
-    /// Faults recorded for `--record-faults`, not yet written.
-    private var recorded: [Range<UInt64>] = []
-
     private func takeMisses() {
         let taken = misses.withLockedValue { m -> [Range<UInt64>] in defer { m = [] }; return m }
-        for pages in taken { noteMiss(pages) }
-    }
-
-    private func noteMiss(_ pages: Range<UInt64>) {
-        lastMissAt = .now()
-        if config.recordFaults != nil { recorded.append(pages) }
-        guard config.mode == .adaptive, !finished else { return }
-        // Sequential misses (this one starts within the window after the last one) grow the window;
-        // scattered ones shrink it.
-        let minPages = max(1, config.minWindow / pageSize)
-        let maxPages = max(minPages, config.maxWindow / pageSize)
-        if let end = lastMissEnd, pages.lowerBound >= end, pages.lowerBound < end + window {
-            window = min(window * 2, maxPages)
-        } else {
-            window = max(window / 2, minPages)
+        for pages in taken {
+            lastMissAt = eventLoop.now
+            if config.recordFaults != nil { recorded.append(pages) }
+            if !finished { policy.noteMiss(pages) }
         }
-        lastMissEnd = pages.upperBound
-        let back = min(pages.lowerBound, window / 4)
-        let around = pages.lowerBound - back ..< min(pageCount, pages.upperBound + window)
-        hints.prepend(around)
-        while hints.count > 64 { hints.removeLast() }
-        // The sweep goes on after the window: neighbours of hot pages come first.
-        cursor = around.upperBound < pageCount ? around.upperBound : 0
     }
 
     /// Appends the recorded faults to the `recordFaults` file, one "OFFSET LENGTH" line (bytes) each.
@@ -239,7 +219,7 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
         guard let path = config.recordFaults, !recorded.isEmpty else { return }
         var text = ""
         for pages in recorded {
-            let (offset, length) = backend.geometry.byteRange(of: pages)
+            let (offset, length) = geometry.byteRange(of: pages)
             text += "\(offset) \(length)\n"
         }
         recorded = []
@@ -250,8 +230,6 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
             recordFailed = true
         }
     }
-
-    private var recordFailed = false
 
     // MARK: pulling
 
@@ -268,28 +246,29 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
     private func pump() {
         takeMisses()
         guard started, !paused, !finished, config.mode != .off else { return }
-        if backend.store.isComplete {
+        if target.pageCounts().isComplete {
             finish()
             return
         }
-        let now = NIODeadline.now()
-        let demandActive = backend.demandOutstanding || now - lastMissAt < config.demandQuiet
+        let now = eventLoop.now
+        let demandActive = target.demandOutstanding || lastMissAt.map { now - $0 < config.demandQuiet } ?? false
         let limit = demandActive ? config.demandInFlight : config.maxInFlight
         let batch = min(config.batchBytes, limit)
         var scanned: UInt64 = 0
         while inFlight == 0 || inFlight + batch <= limit {
-            if let maxRate = config.maxRate {
-                refill(now, rate: maxRate)
-                if tokens <= 0 {
-                    scheduleWakeup(in: .nanoseconds(Int64((-tokens / Double(maxRate) + 0.001) * 1e9)))
+            if bucket != nil {
+                bucket?.refill(now)
+                if let b = bucket, b.tokens <= 0 {
+                    scheduleWakeup(in: b.wait)
                     break
                 }
             }
-            guard let range = nextRange(batchBytes: batch, scanned: &scanned) else { break }
-            for pull in backend.startBackground(range, eventLoop: eventLoop) {
+            guard let range = policy.nextRange(batchPages: batch / geometry.pageSize, states: target, scanned: &scanned)
+            else { break }
+            for pull in target.startBackground(range, eventLoop: eventLoop) {
                 inFlight += pull.bytes
-                tokens -= Double(pull.bytes)
-                pull.stored.futureResult.hop(to: eventLoop).whenComplete { [self] result in
+                bucket?.take(pull.bytes)
+                pull.stored.hop(to: eventLoop).whenComplete { [self] result in
                     inFlight -= pull.bytes
                     if case .success = result {
                         backgroundBytes.wrappingIncrement(by: pull.bytes, ordering: .relaxed)
@@ -302,43 +281,6 @@ public final class Prefetcher: LazyBackend.DemandObserver, @unchecked Sendable {
             // Back to the full window once the quiet period after the last miss is over.
             scheduleWakeup(in: config.demandQuiet)
         }
-    }
-
-    /// The next page range to pull: a hint, or the next absent run of the sweep (at most one batch).
-    /// Nil when the whole export was scanned without finding an unclaimed absent page.
-    private func nextRange(batchBytes: UInt64, scanned: inout UInt64) -> Range<UInt64>? {
-        let batchPages = max(1, batchBytes / pageSize)
-        while let hint = hints.first {
-            if let run = backend.store.runs(of: .absent, in: hint).first {
-                let take = run.lowerBound ..< min(run.upperBound, run.lowerBound + batchPages)
-                hints[hints.startIndex] = take.upperBound ..< hint.upperBound
-                if hints.first?.isEmpty == true { hints.removeFirst() }
-                return take
-            }
-            hints.removeFirst()
-        }
-        while scanned < pageCount {
-            guard let first = backend.store.firstPage(with: .absent, from: cursor) else {
-                if cursor == 0 { return nil }
-                scanned += pageCount - cursor
-                cursor = 0
-                continue
-            }
-            let end = min(pageCount, first + batchPages)
-            guard let run = backend.store.runs(of: .absent, in: first ..< end).first else { return nil }
-            scanned += run.upperBound - cursor
-            cursor = run.upperBound < pageCount ? run.upperBound : 0
-            return run
-        }
-        return nil
-    }
-
-    /// Token bucket: pulls may start while it is positive and take their size out of it; it starts
-    /// empty and holds at most one batch, so neither the start nor a pause turns into a burst.
-    private func refill(_ now: NIODeadline, rate: UInt64) {
-        let elapsed = Double((now - lastRefill).nanoseconds) / 1e9
-        lastRefill = now
-        tokens = min(Double(config.batchBytes), tokens + elapsed * Double(rate))
     }
 
     private func scheduleWakeup(in delay: TimeAmount) {
