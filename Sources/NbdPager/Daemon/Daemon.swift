@@ -71,7 +71,8 @@ public final class Daemon: Sendable {
             }
         }
         let serviceGroup = ServiceGroup(configuration: .init(
-            services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            services: [.init(service: service)], gracefulShutdownSignals: c.handlesSignals ? [.sigterm, .sigint] : [],
+            logger: logger))
         let early = state.withLockedValue { s -> Bool in
             s.group = serviceGroup
             return s.shutdownRequested

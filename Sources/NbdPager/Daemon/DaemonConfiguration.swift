@@ -24,6 +24,9 @@ public struct DaemonConfiguration: Sendable {
     public var pollWindow: TimeAmount = .microseconds(30)
     /// The log level of the daemon's logger (`--verbose`: debug).
     public var logLevel: Logger.Level = .info
+    /// SIGTERM and SIGINT start a graceful shutdown (off for a daemon inside another program, such
+    /// as a test, which calls `Daemon.shutdown()`).
+    public var handlesSignals = true
     /// Longest wait for open connections to finish their requests on shutdown.
     public var shutdownGrace: TimeAmount = .seconds(30)
 
