@@ -168,6 +168,64 @@ final class DaemonTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/pid"))
     }
 
+    /// A gated lazy export run by the daemon: the status says the gate is closed, `gate open` opens
+    /// it (once), reads return the source's data, the background pull completes and `prefetch
+    /// pause` answers.
+    func testLazyExportThroughTheControlSocket() async throws {
+        let source = try NbdkitServer(directory: directory, arguments: ["pattern", "2M"])
+        defer { source.stop() }
+        let socket = directory + "/nbd.sock", control = directory + "/ctl.sock"
+        var lazy = LazyExport(source: source.uri, store: directory + "/store")
+        lazy.gated = true
+        var configuration = DaemonConfiguration(exports: [ExportConfiguration(name: "vm", kind: lazy)],
+                                                listeners: [.unix(path: socket)])
+        configuration.controlPath = control
+        configuration.threads = 2
+        configuration.eventLoops = 1
+        configuration.handlesSignals = false
+        var logger = Logger(label: "daemon-test")
+        logger.logLevel = .warning
+        let daemon = Daemon(configuration: configuration, logger: logger)
+        let running = Task { try await daemon.run() }
+        await daemon.waitUntilServing()
+
+        let (before, json) = try ControlClient.send(StatusCommand(), to: control)
+        guard case .ok(let closed) = before else { return XCTFail("status failed: \(json.rendered)") }
+        XCTAssertEqual(closed.exports.first?.kind, "lazy")
+        XCTAssertEqual(json["gate"], .string("closed"), "one export: its fields are at the top level")
+        XCTAssertEqual(json["pages"]?["total"], .int(512))
+        XCTAssertEqual(json["bytes_pulled"], .int(0))
+
+        let (open, _) = try ControlClient.send(GateCommand(action: .open), to: control)
+        guard case .ok(let opened) = open else { return XCTFail("gate open failed: \(open)") }
+        XCTAssertTrue(opened.wasClosed)
+        let (again, _) = try ControlClient.send(GateCommand(action: .open), export: "vm", to: control)
+        guard case .ok(let second) = again else { return XCTFail("second gate open failed") }
+        XCTAssertFalse(second.wasClosed)
+
+        // nbdkit's pattern: each 8-byte word is its own offset, big-endian
+        let client = try NbdTestClient(socket: socket, export: "vm")
+        let bytes = try client.read(16, at: 1 << 20)
+        XCTAssertEqual(bytes, (0 ..< 2).flatMap { i -> [UInt8] in
+            let word = UInt64(1 << 20) + UInt64(i * 8)
+            return (0 ..< 8).map { UInt8(truncatingIfNeeded: word >> (56 - 8 * $0)) }
+        })
+
+        var complete = false
+        for _ in 0 ..< 200 where !complete {
+            let (reply, _) = try ControlClient.send(StatusCommand(), to: control)
+            if case .ok(let s) = reply, s.exports.first?.field("complete") == .bool(true) { complete = true }
+            try await Task.sleep(nanoseconds: 50_000_000)
+        }
+        XCTAssertTrue(complete, "the background pull did not complete in 10 s")
+        let (pause, _) = try ControlClient.send(PrefetchCommand(action: .pause), to: control)
+        guard case .ok(let paused) = pause else { return XCTFail("prefetch pause failed: \(pause)") }
+        XCTAssertEqual(paused.prefetch, "done")
+
+        await daemon.shutdown()
+        try await running.value
+    }
+
     func testConfigurationValidation() {
         let ram = ExportConfiguration(name: "a", kind: MemoryExport(size: 4096))
         XCTAssertThrowsError(try DaemonConfiguration(exports: [ram, ram], listeners: [.unix(path: "/x")]).validate())

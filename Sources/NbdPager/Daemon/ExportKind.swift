@@ -76,7 +76,8 @@ public protocol OpenedExport: AnyObject, Sendable {
     func prepare(_ runtime: ExportRuntime) throws
     /// Starts the background work, once the listeners are up.
     func start(_ runtime: ExportRuntime)
-    /// Stops the background work, before connections are drained and the storage closed.
+    /// Stops the background work, before connections are drained and the storage closed (called off
+    /// the event loops: it may wait for work in progress).
     func stop()
     /// The kind's own status fields (an object; `.object([])` when it has none).
     func statusFields() -> JSONValue

@@ -99,7 +99,7 @@ final class LazyOpenedExport: OpenedExport {
 
     struct State {
         var prefetcher: Prefetcher?
-        var commit: RepeatedTask?
+        var commit: (task: RepeatedTask, loop: any EventLoop)?
         var progressLine: RepeatedTask?
     }
 
@@ -140,19 +140,26 @@ final class LazyOpenedExport: OpenedExport {
 
     func start(_ runtime: ExportRuntime) {
         if !settings.gated { prefetcher?.start() }
-        let commit = startPeriodicCommit(every: .seconds(1), on: runtime.eventLoopGroup.next(), pool: runtime.threadPool)
+        let loop = runtime.eventLoopGroup.next()
+        let commit = startPeriodicCommit(every: .seconds(1), on: loop, pool: runtime.threadPool)
         let line = startProgressLine(on: runtime.eventLoopGroup.next())
         state.withLockedValue {
-            $0.commit = commit
+            $0.commit = (commit, loop)
             $0.progressLine = line
         }
     }
 
+    /// Stops the background work; returns once a commit in progress has finished (the storage is
+    /// closed next). Blocks: not for an event loop.
     func stop() {
         let s = state.withLockedValue { s -> State in defer { s.commit = nil; s.progressLine = nil }; return s }
         s.progressLine?.cancel()
         s.prefetcher?.stop()
-        s.commit?.cancel()
+        if let (task, loop) = s.commit {
+            let cancelled = loop.makePromise(of: Void.self)
+            task.cancel(promise: cancelled)
+            try? cancelled.futureResult.wait()
+        }
     }
 
     /// Commits the page state at least once a second (FLUSH/FUA commit at once): the timer runs on
