@@ -142,6 +142,11 @@ final class DaemonTests: XCTestCase {
         XCTAssertNotNil(gate.errorMessage, "neither export has a gate")
         let (missing, _) = try ControlClient.send(StatusCommand(), export: "nope", to: control)
         XCTAssertNotNil(missing.errorMessage)
+        for raw in ["status", #"{"command":"reboot"}"#, #"{"command":"gate","action":"close"}"#] {
+            let reply = try ControlClient.exchange(Array(raw.utf8), with: control)
+            let decoded = try ControlCodec.decode(ControlReply<ControlNoFields>.self, from: reply)
+            XCTAssertNotNil(decoded.errorMessage, "\(raw) is refused with an error reply")
+        }
 
         await daemon.shutdown()
         try await running.value

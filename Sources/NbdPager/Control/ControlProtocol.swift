@@ -105,27 +105,31 @@ public struct ControlError: Error, Sendable, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// The commands something answers, by wire name: each decodes its request and encodes its reply.
-public struct ControlHandlers: Sendable {
-    typealias Handler = @Sendable (_ line: [UInt8]) throws -> [UInt8]
-    private(set) var handlers: [String: Handler] = [:]
+/// The commands something (a `Target`: the daemon, or an export of some kind) answers, by wire
+/// name: each decodes its request, runs against the target and encodes its reply.
+public struct ControlHandlers<Target>: Sendable {
+    typealias Handler = @Sendable (_ target: Target, _ line: [UInt8]) throws -> [UInt8]
+    private var handlers: [String: Handler] = [:]
 
     public init() {}
 
     /// Registers the answer to `Command`: `body` returns its reply or throws `ControlError`; a
     /// request that does not decode throws (the caller answers it with an error).
-    public mutating func on<Command: ControlCommand>(_ type: Command.Type,
-                                                    _ body: @escaping @Sendable (ControlRequest<Command>) throws -> Command.Reply) {
-        handlers[Command.name] = { line in
+    public func on<Command: ControlCommand>(
+        _ type: Command.Type, _ body: @escaping @Sendable (Target, ControlRequest<Command>) throws -> Command.Reply
+    ) -> Self {
+        var copy = self
+        copy.handlers[Command.name] = { target, line in
             let request = try JSONDecoder().decode(ControlRequest<Command>.self, from: Data(line))
             let reply: ControlReply<Command.Reply>
             do {
-                reply = .ok(try body(request))
+                reply = .ok(try body(target, request))
             } catch let error as ControlError {
                 reply = .failure(error.description)
             }
             return try ControlCodec.encode(reply)
         }
+        return copy
     }
 
     public var names: [String] { handlers.keys.sorted() }

@@ -4,19 +4,10 @@ struct ControlDispatcher: Sendable {
     let exports: [RunningExport]
     let server: NBDServer
     let swap: Bool
-    /// The daemon's own commands. Registration: one `on` line per command.
-    private var daemonHandlers = ControlHandlers()
-    /// Each export's commands, in export order.
-    private let exportHandlers: [ControlHandlers]
 
-    init(exports: [RunningExport], server: NBDServer, swap: Bool) {
-        self.exports = exports
-        self.server = server
-        self.swap = swap
-        self.exportHandlers = exports.map { $0.opened.controlHandlers }
-        let this = self
-        daemonHandlers.on(StatusCommand.self) { request in try this.statusResult(export: request.export).get() }
-    }
+    /// The daemon's own commands: one `on` line per command.
+    static let commands = ControlHandlers<ControlDispatcher>()
+        .on(StatusCommand.self) { daemon, request in try daemon.statusResult(export: request.export).get() }
 
     /// One request line in, one reply line out.
     func handle(_ line: [UInt8]) -> [UInt8] {
@@ -26,34 +17,35 @@ struct ControlDispatcher: Sendable {
         } catch {
             return ControlCodec.failure("malformed request (expected one JSON object with a \"command\"): \(error)")
         }
+        let command = header.command
         if let named = header.export, !exports.contains(where: { $0.name == named }) {
             return ControlCodec.failure("no export named '\(named)' (exports: \(exports.map { "'\($0.name)'" }.joined(separator: ", ")))")
         }
-        let handler: ControlHandlers.Handler
-        if let h = daemonHandlers.handler(for: header.command) {
-            handler = h
-        } else {
-            let candidates = exports.indices.filter { header.export == nil || exports[$0].name == header.export }
-            let answering = candidates.compactMap { i in exportHandlers[i].handler(for: header.command).map { (i, $0) } }
-            guard let first = answering.first else {
-                let known = Set(daemonHandlers.names + ExportKinds.commandNames).sorted()
-                guard known.contains(header.command) else {
-                    return ControlCodec.failure("unknown command '\(header.command)' (known: \(known.joined(separator: ", ")))")
+        do {
+            if let handler = Self.commands.handler(for: command) {
+                return try handler(self, line)
+            }
+            let candidates = exports.filter { header.export == nil || $0.name == header.export }
+            let answering = candidates.filter { $0.kindType.commandNames.contains(command) }
+            guard let target = answering.first else {
+                let known = Set(Self.commands.names + ExportKinds.commandNames).sorted()
+                guard known.contains(command) else {
+                    return ControlCodec.failure("unknown command '\(command)' (known: \(known.joined(separator: ", ")))")
                 }
-                let kinds = ExportKinds.registered.filter { $0.commandNames.contains(header.command) }.map { $0.kindName }
-                let which = candidates.map { "'\(exports[$0].name)' (\(exports[$0].kindName))" }.joined(separator: ", ")
-                return ControlCodec.failure("'\(header.command)' is answered by \(kinds.joined(separator: ", ")) exports only, not by \(which)")
+                let kinds = ExportKinds.registered.filter { $0.commandNames.contains(command) }.map { $0.kindName }
+                let which = candidates.map { "'\($0.name)' (\($0.kindName))" }.joined(separator: ", ")
+                return ControlCodec.failure("'\(command)' is answered by \(kinds.joined(separator: ", ")) exports only, not by \(which)")
             }
             guard answering.count == 1 else {
-                let names = answering.map { "'\(exports[$0.0].name)'" }.joined(separator: ", ")
-                return ControlCodec.failure("several exports answer '\(header.command)' (\(names)): name one")
+                let names = answering.map { "'\($0.name)'" }.joined(separator: ", ")
+                return ControlCodec.failure("several exports answer '\(command)' (\(names)): name one")
             }
-            handler = first.1
-        }
-        do {
-            return try handler(line)
+            guard let reply = try target.kindType.answer(command, on: target.opened, line: line) else {
+                return ControlCodec.failure("export '\(target.name)' does not answer '\(command)'")
+            }
+            return reply
         } catch {
-            return ControlCodec.failure("malformed '\(header.command)' request: \(error)")
+            return ControlCodec.failure("malformed '\(command)' request: \(error)")
         }
     }
 

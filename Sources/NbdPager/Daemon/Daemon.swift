@@ -158,7 +158,8 @@ struct RunningExport: Sendable {
     let export: Export
 
     var name: String { configuration.name }
-    var kindName: String { type(of: configuration.kind).kindName }
+    var kindType: any ExportKind.Type { type(of: configuration.kind) }
+    var kindName: String { kindType.kindName }
 }
 
 /// The daemon's one service: starts serving once the signal handlers are in place, waits for the

@@ -7,22 +7,32 @@ import NIOPosix
 ///
 /// A value of a kind is that kind's settings (`FileExport(path:)`, `MemoryExport(size:)`,
 /// `LazyExport(source:store:...)`). Adding a kind: one type conforming to `ExportKind` (and its
-/// `OpenedExport`), plus one line in `ExportKinds.registered`.
+/// `OpenedExport`), plus one line in `ExportKinds.registered`. Adding a control command to a kind:
+/// the command's type, plus one `on` line in the kind's `commands`.
 public protocol ExportKind: Sendable {
+    associatedtype Opened: OpenedExport
     /// The `kind` field of the export's status.
     static var kindName: String { get }
-    /// The control commands exports of this kind answer (`ControlHandlers` of their `OpenedExport`).
-    static var commandNames: [String] { get }
+    /// The control commands exports of this kind answer.
+    static var commands: ControlHandlers<Opened> { get }
     /// Opens the storage. Errors are the user's to read (a file that does not exist, a source that
     /// does not answer...).
-    func open(_ context: ExportContext) async throws -> any OpenedExport
+    func open(_ context: ExportContext) async throws -> Opened
     /// Whether the export cannot work without the control socket (a gate only it can open).
     var needsControlSocket: Bool { get }
 }
 
 extension ExportKind {
-    public static var commandNames: [String] { [] }
+    public static var commands: ControlHandlers<Opened> { ControlHandlers() }
     public var needsControlSocket: Bool { false }
+    static var commandNames: [String] { commands.names }
+
+    /// Answers the request `line` for command `name` on `export` (one of this kind's); nil when the
+    /// kind does not answer that command.
+    static func answer(_ name: String, on export: any OpenedExport, line: [UInt8]) throws -> [UInt8]? {
+        guard let handler = commands.handler(for: name), let opened = export as? Opened else { return nil }
+        return try handler(opened, line)
+    }
 }
 
 /// Every kind of export the daemon knows.
@@ -81,8 +91,6 @@ public protocol OpenedExport: AnyObject, Sendable {
     func stop()
     /// The kind's own status fields (an object; `.object([])` when it has none).
     func statusFields() -> JSONValue
-    /// The control commands this export answers.
-    var controlHandlers: ControlHandlers { get }
 }
 
 extension OpenedExport {
@@ -90,7 +98,6 @@ extension OpenedExport {
     public func start(_ runtime: ExportRuntime) {}
     public func stop() {}
     public func statusFields() -> JSONValue { .object([]) }
-    public var controlHandlers: ControlHandlers { ControlHandlers() }
 }
 
 /// A regular file or block device.
@@ -100,7 +107,7 @@ public struct FileExport: ExportKind {
 
     public init(path: String) { self.path = path }
 
-    public func open(_ context: ExportContext) async throws -> any OpenedExport {
+    public func open(_ context: ExportContext) async throws -> PlainExport {
         PlainExport(backend: try FileBackend.open(path: path, readOnly: context.readOnly),
                     defaultDescription: "file \(path)")
     }
@@ -113,16 +120,16 @@ public struct MemoryExport: ExportKind {
 
     public init(size: UInt64) { self.size = size }
 
-    public func open(_ context: ExportContext) async throws -> any OpenedExport {
+    public func open(_ context: ExportContext) async throws -> PlainExport {
         let backend = context.swap ? try FileBackend.residentMemory(size: size) : try FileBackend.memory(size: size)
         return PlainExport(backend: backend, defaultDescription: "memory, \(size) bytes")
     }
 }
 
 /// An export that is only its storage: no background work, no status fields or commands of its own.
-final class PlainExport: OpenedExport {
-    let backend: any BlockBackend
-    let defaultDescription: String
+public final class PlainExport: OpenedExport {
+    public let backend: any BlockBackend
+    public let defaultDescription: String
 
     init(backend: any BlockBackend, defaultDescription: String) {
         self.backend = backend

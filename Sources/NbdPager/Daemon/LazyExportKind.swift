@@ -16,7 +16,9 @@ import Glibc
 /// background) into a local page store.
 public struct LazyExport: ExportKind {
     public static let kindName = "lazy"
-    public static let commandNames = [PrefetchCommand.name, GateCommand.name]
+    public static let commands = ControlHandlers<LazyOpenedExport>()
+        .on(PrefetchCommand.self) { export, request in try export.prefetch(request.command.action) }
+        .on(GateCommand.self) { export, _ in export.openGate() }
 
     /// The background pull: off, a sweep from the start, or adaptive (a sweep plus a window around
     /// each miss).
@@ -51,7 +53,7 @@ public struct LazyExport: ExportKind {
     }
 
     /// Connects to the source, opens (or creates) the store, and marks the source's zero extents present.
-    public func open(_ context: ExportContext) async throws -> any OpenedExport {
+    public func open(_ context: ExportContext) async throws -> LazyOpenedExport {
         let logger = context.logger
         let uri = source, connections = sourceConnections
         let remote = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), logger: logger) {
@@ -91,7 +93,7 @@ public struct LazyExport: ExportKind {
 }
 
 /// An open lazy export and its background work.
-final class LazyOpenedExport: OpenedExport {
+public final class LazyOpenedExport: OpenedExport {
     let lazy: LazyBackend
     let settings: LazyExport
     let logger: Logger
@@ -109,8 +111,8 @@ final class LazyOpenedExport: OpenedExport {
         self.logger = logger
     }
 
-    var backend: any BlockBackend { lazy }
-    var defaultDescription: String { "lazy copy of \(settings.source)" }
+    public var backend: any BlockBackend { lazy }
+    public var defaultDescription: String { "lazy copy of \(settings.source)" }
     private var prefetcher: Prefetcher? { state.withLockedValue { $0.prefetcher } }
 
     /// Marks the pages the source reports as zero present without transfer; a source that cannot
@@ -125,7 +127,7 @@ final class LazyOpenedExport: OpenedExport {
 
     /// Builds the background puller (not started yet): reads the hot list, so a bad one is refused
     /// before any client is served.
-    func prepare(_ runtime: ExportRuntime) throws {
+    public func prepare(_ runtime: ExportRuntime) throws {
         var config = Prefetcher.Configuration()
         config.mode = Prefetcher.Mode(rawValue: settings.prefetch.rawValue) ?? .adaptive
         config.maxRate = settings.maxRate
@@ -138,7 +140,7 @@ final class LazyOpenedExport: OpenedExport {
         state.withLockedValue { $0.prefetcher = p }
     }
 
-    func start(_ runtime: ExportRuntime) {
+    public func start(_ runtime: ExportRuntime) {
         if !settings.gated { prefetcher?.start() }
         let loop = runtime.eventLoopGroup.next()
         let commit = startPeriodicCommit(every: .seconds(1), on: loop, pool: runtime.threadPool)
@@ -151,7 +153,7 @@ final class LazyOpenedExport: OpenedExport {
 
     /// Stops the background work; returns once a commit in progress has finished (the storage is
     /// closed next). Blocks: not for an event loop.
-    func stop() {
+    public func stop() {
         let s = state.withLockedValue { s -> State in defer { s.commit = nil; s.progressLine = nil }; return s }
         s.progressLine?.cancel()
         s.prefetcher?.stop()
@@ -191,7 +193,7 @@ final class LazyOpenedExport: OpenedExport {
 
     // MARK: status
 
-    func statusFields() -> JSONValue {
+    public func statusFields() -> JSONValue {
         let s = lazy.status()
         var fields: [(String, JSONValue)] = [
             ("page_size", .unsigned(s.pageSize)),
@@ -231,16 +233,9 @@ final class LazyOpenedExport: OpenedExport {
         return .double((value * 10).rounded() / 10)
     }
 
-    // MARK: control commands
+    // MARK: control commands (registered in `LazyExport.commands`)
 
-    var controlHandlers: ControlHandlers {
-        var h = ControlHandlers()
-        h.on(PrefetchCommand.self) { [self] request in try prefetch(request.command.action) }
-        h.on(GateCommand.self) { [self] _ in openGate() }
-        return h
-    }
-
-    private func prefetch(_ action: PrefetchCommand.Action) throws -> PrefetchCommand.Reply {
+    func prefetch(_ action: PrefetchCommand.Action) throws -> PrefetchCommand.Reply {
         guard let prefetcher, prefetcher.status().mode != .off else {
             throw ControlError("no background pull on this export (--prefetch off, or not a lazy export)")
         }
@@ -254,7 +249,7 @@ final class LazyOpenedExport: OpenedExport {
 
     /// Lets pulls reach the source, starts the background pull, then (in the background) marks the
     /// source's zero extents. Idempotent.
-    private func openGate() -> GateCommand.Reply {
+    func openGate() -> GateCommand.Reply {
         let wasGated = lazy.isGated
         let released = lazy.openGate()
         if wasGated {
