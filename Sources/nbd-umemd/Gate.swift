@@ -1,6 +1,7 @@
 import ArgumentParser
+import NbdPager
 
-struct Gate: ControlVerb {
+struct Gate: ControlActionVerb {
     static let configuration = CommandConfiguration(
         abstract: "Open the pull gate of a lazy export started with serve --gated.",
         discussion: """
@@ -14,11 +15,12 @@ struct Gate: ControlVerb {
         """
     )
 
-    static let verb = "gate"
-    static let actions = ["open"]
-
     @Argument(help: ArgumentHelp("open", valueName: "action"))
     var action: String
 
     @OptionGroup var socket: ControlSocket
+
+    typealias Command = GateCommand
+    typealias Action = GateCommand.Action
+    static func command(_ action: Action) -> Command { Command(action: action) }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
+import NbdPager
 
-struct Prefetch: ControlVerb {
+struct Prefetch: ControlActionVerb {
     static let configuration = CommandConfiguration(
         abstract: "Pause or resume a running lazy export's background pull.",
         discussion: """
@@ -13,11 +14,12 @@ struct Prefetch: ControlVerb {
         """
     )
 
-    static let verb = "prefetch"
-    static let actions = ["pause", "resume"]
-
     @Argument(help: ArgumentHelp("pause or resume", valueName: "action"))
     var action: String
 
     @OptionGroup var socket: ControlSocket
+
+    typealias Command = PrefetchCommand
+    typealias Action = PrefetchCommand.Action
+    static func command(_ action: Action) -> Command { Command(action: action) }
 }

@@ -85,20 +85,23 @@ class QMP:
         return None
 
 
-def control(path, command):
-    """One command line to an nbd-umemd control socket; its reply."""
+def control(path, request):
+    """One request to an nbd-umemd control socket (JSON lines: a request object such as
+    {"command": "gate", "action": "open"} out, one reply object back); the reply, decoded. The
+    reply's "ok" says whether the command succeeded, "error" why not."""
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(path)
-        s.sendall(command.encode() + b"\n")
+        s.sendall(json.dumps(request).encode() + b"\n")
         reply = b""
         while True:
             chunk = s.recv(65536)
             if not chunk:
-                return reply.decode("utf-8", "replace")
+                break
             reply += chunk
     finally:
         s.close()
+    return json.loads(reply.decode("utf-8", "replace"))
 
 
 def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",), postcopy=False, params=None):
@@ -119,12 +122,12 @@ def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",)
     if gate_socket:
         # written straight to the control socket: no process to start while the source completes
         try:
-            reply = control(gate_socket, "gate open")
-        except OSError as e:
+            reply = control(gate_socket, {"command": "gate", "action": "open"})
+        except (OSError, ValueError) as e:
             raise RuntimeError("gate open on %s failed: %s" % (gate_socket, e))
         report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
-        if '"error"' in reply:
-            raise RuntimeError("gate open failed: %s" % reply.strip())
+        if reply.get("ok") is not True:
+            raise RuntimeError("gate open failed: %s" % reply.get("error", reply))
     # Poll the source until the migration ends, reading the destination's events as they come (its
     # RESUME comes long before the end of a post-copy migration).
     while True:

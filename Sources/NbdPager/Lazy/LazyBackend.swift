@@ -176,7 +176,10 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             defer { commitRunning.store(false, ordering: .relaxed) }
             guard state == .active, !closed.load(ordering: .relaxed) else { return }
             let result = Result { try store.commit() }
-            if case .failure(let error) = result { logger.error("committing the page store: \(error)") }
+            // A store closed meanwhile (shutdown) committed on closing: nothing to report.
+            if case .failure(let error) = result, !closed.load(ordering: .relaxed) {
+                logger.error("committing the page store: \(error)")
+            }
             commitObserver.withLockedValue { $0 }?(result)
         }
     }

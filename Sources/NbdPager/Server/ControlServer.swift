@@ -6,16 +6,18 @@ import NIOPosix
 import Glibc
 #endif
 
-/// The control socket: a client sends one command line (`status`), gets one reply and is disconnected.
+/// The control socket: a client sends one request line, gets one reply line and is disconnected.
+/// What the lines mean is up to `handle` (the daemon's `ControlDispatcher`; see `ControlCommand`).
 public final class ControlServer: Sendable {
-    public typealias Command = @Sendable (String) -> String
+    /// Answers one request line (without its newline) with one reply line (without its newline).
+    public typealias Handle = @Sendable ([UInt8]) -> [UInt8]
     private let path: String
     private let group: any EventLoopGroup
     private let logger: Logger
-    private let handle: Command
+    private let handle: Handle
     private let channel = NIOLockedValueBox<(any Channel)?>(nil)
 
-    public init(path: String, group: any EventLoopGroup, logger: Logger, handle: @escaping Command) {
+    public init(path: String, group: any EventLoopGroup, logger: Logger, handle: @escaping Handle) {
         self.path = path
         self.group = group
         self.logger = logger
@@ -48,27 +50,31 @@ final class ControlHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     static let maxLine = 4096
-    private let handle: ControlServer.Command
+    private let handle: ControlServer.Handle
     private var line = ByteBuffer()
+    private var answered = false
 
-    init(handle: @escaping ControlServer.Command) {
+    init(handle: @escaping ControlServer.Handle) {
         self.handle = handle
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !answered else { return }
         var bytes = unwrapInboundIn(data)
         line.writeBuffer(&bytes)
         guard let newline = line.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) else {
-            if line.readableBytes > Self.maxLine { reply("{\"error\": \"command too long\"}", context) }
+            if line.readableBytes > Self.maxLine { reply(ControlCodec.failure("request too long"), context) }
             return
         }
-        let text = line.getString(at: line.readerIndex, length: newline - line.readerIndex) ?? ""
-        reply(handle(text.trimmingASCIISpaces()), context)
+        let request = line.getBytes(at: line.readerIndex, length: newline - line.readerIndex) ?? []
+        reply(handle(request), context)
     }
 
-    private func reply(_ text: String, _ context: ChannelHandlerContext) {
-        var out = context.channel.allocator.buffer(capacity: text.utf8.count + 1)
-        out.writeString(text + "\n")
+    private func reply(_ bytes: [UInt8], _ context: ChannelHandlerContext) {
+        answered = true
+        var out = context.channel.allocator.buffer(capacity: bytes.count + 1)
+        out.writeBytes(bytes)
+        out.writeInteger(UInt8(ascii: "\n"))
         context.writeAndFlush(wrapOutboundOut(out)).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
         }
