@@ -96,6 +96,14 @@ VALUED = {
 FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
 
 
+def check_ranges(o, ranges):
+    """Each (attribute, lo, hi, unit): a whole number in lo..hi, or a fatal error that says so."""
+    for attr, lo, hi, unit in ranges:
+        v = getattr(o, attr)
+        if re.fullmatch(r"[0-9]+", v) is None or not lo <= int(v) <= hi:
+            die("--%s must be %d..%d%s, got '%s'" % (attr.replace("_", "-"), lo, hi, unit, v))
+
+
 def parse(argv):
     o = Options()
     args = list(argv)
@@ -117,15 +125,7 @@ def parse(argv):
             sys.stderr.write(USAGE)
             die("unknown argument: %s" % a)
 
-    def in_range(v, lo, hi):
-        return re.fullmatch(r"[0-9]+", v) is not None and lo <= int(v) <= hi
-
-    if not in_range(o.rounds, 1, 100):
-        die("--rounds must be 1..100, got '%s'" % o.rounds)
-    if not in_range(o.runtime, 1, 600):
-        die("--runtime must be 1..600 seconds, got '%s'" % o.runtime)
-    if not in_range(o.ramp, 0, 60):
-        die("--ramp must be 0..60 seconds, got '%s'" % o.ramp)
+    check_ranges(o, [("rounds", 1, 100, ""), ("runtime", 1, 600, " seconds"), ("ramp", 0, 60, " seconds")])
     size = subprocess.run(["numfmt", "--from=iec", re.sub(r"[bB]$", "", o.size)], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL)
     if size.returncode != 0:
@@ -139,12 +139,7 @@ def parse(argv):
         o.suite = "core" if o.aa else "all"
     if o.suite not in ("core", "lazy", "prefetch", "migrate", "all"):
         die("--suite must be core, lazy, prefetch, migrate or all, got '%s'" % o.suite)
-    if not in_range(o.mig_rounds, 1, 20):
-        die("--mig-rounds must be 1..20, got '%s'" % o.mig_rounds)
-    if not in_range(o.mig_mem, 64, 4096):
-        die("--mig-mem must be 64..4096 MiB, got '%s'" % o.mig_mem)
-    if not in_range(o.mig_keep, 1, 600):
-        die("--mig-keep must be 1..600 seconds, got '%s'" % o.mig_keep)
+    check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds")])
     if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):
         die("--mig-link wants a tc rate such as 200mbit, got '%s'" % o.mig_link)
     o.plot = o.plot or os.path.join(ROOT, "docs", "migration-rate.png")

@@ -110,12 +110,3 @@ def read_text(path, default=""):
 def tail(path, n):
     """The last N lines of a file, joined by newlines (empty if it cannot be read)."""
     return "\n".join(read_text(path).splitlines()[-n:])
-
-
-def parse_size(text):
-    """1G, 512M, 64K, 4096 (like numfmt --from=iec); ValueError if it does not parse."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
-    t = text.rstrip("bB")
-    if t and t[-1].upper() in units:
-        return int(float(t[:-1]) * units[t[-1].upper()])
-    return int(t)

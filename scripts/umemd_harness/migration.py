@@ -22,7 +22,7 @@ import threading
 import time
 
 from . import vm
-from .common import ROOT, Fatal, build_no_hugepage, die, log, read_text, tail, wait_for_file
+from .common import ROOT, die, log, read_text, tail
 from .machines import HostPair
 from .servers import Server
 

@@ -5,7 +5,6 @@ the report on stdout and returns False when an acceptance criterion is not met.
 """
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -13,7 +12,7 @@ import time
 med = statistics.median
 
 
-def _first_line(cmd, lines=1):
+def first_line(cmd, lines=1):
     try:
         out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=5).stdout.decode()
     except (OSError, subprocess.TimeoutExpired):
@@ -39,10 +38,10 @@ class Env:
         except OSError:
             pass
         self.cpu = cpu or platform.processor() or "unknown"
-        self.fio = _first_line(["fio", "--version"])
-        self.nbdkit = _first_line(["nbdkit", "--version"])
+        self.fio = first_line(["fio", "--version"])
+        self.nbdkit = first_line(["nbdkit", "--version"])
         if umemd:
-            self.umemd = "%s (%s)" % (_first_line([umemd, "--version"]) or "unknown", umemd)
+            self.umemd = "%s (%s)" % (first_line([umemd, "--version"]) or "unknown", umemd)
         else:
             self.umemd = "not used (--aa: nbdkit-2 is a second nbdkit file plugin instance)"
 
@@ -139,12 +138,15 @@ def core(results, env, params, fio_args, markdown):
     return print_criteria(criteria, markdown)
 
 
-# ---- lazy ------------------------------------------------------------------------------------------
-LAZY_LABELS = {
+# ---- lazy and prefetch -----------------------------------------------------------------------------
+CONTENDERS = {
     "umemd-4k": "nbd-umemd lazy, --fetch-size 4K",
     "umemd": "nbd-umemd lazy, default fetch size (64K)",
     "proxy": "nbdkit cow proxy (cow-on-read=true)",
     "direct": "delayed source, read directly",
+    "off": "nbd-umemd, --prefetch off",
+    "on": "nbd-umemd, background pull on (adaptive)",
+    "scan": "nbdkit scan + cow proxy (scan running)",
 }
 
 
@@ -161,7 +163,7 @@ def lazy(miss, copy, env, size, size_bytes, extra_env, nbdcopy, markdown):
     miss_table = []
     for kind in ("umemd-4k", "umemd", "proxy", "direct"):
         p50, p99, ios = mcol(kind, 1), mcol(kind, 2), mcol(kind, 3)
-        miss_table.append([LAZY_LABELS[kind], "%.0f" % med(p50), "%.0f" % med(p99),
+        miss_table.append([CONTENDERS[kind], "%.0f" % med(p50), "%.0f" % med(p99),
                            " ".join("%.0f" % x for x in p50), " ".join("%.0f" % x for x in p99), "%.0f" % med(ios)])
 
     def ratio(a, b, idx):
@@ -177,7 +179,7 @@ def lazy(miss, copy, env, size, size_bytes, extra_env, nbdcopy, markdown):
     for kind in ("umemd", "proxy"):
         secs = [r[1] for r in copy[kind]]
         hwm = [r[2] / 1024.0 for r in copy[kind]]
-        copy_table.append([LAZY_LABELS[kind], "%.2f" % med(secs), "%.2f" % (size_bytes / 2.0**30 / float("%.2f" % med(secs))),
+        copy_table.append([CONTENDERS[kind], "%.2f" % med(secs), "%.2f" % (size_bytes / 2.0**30 / float("%.2f" % med(secs))),
                            " ".join("%.2f" % x for x in secs), "%.1f" % med(hwm), " ".join("%.1f" % x for x in hwm)])
     copy_speedup = med([r[1] for r in copy["proxy"]]) / med([r[1] for r in copy["umemd"]])
 
@@ -218,13 +220,6 @@ def lazy(miss, copy, env, size, size_bytes, extra_env, nbdcopy, markdown):
 
 
 # ---- prefetch --------------------------------------------------------------------------------------
-PREFETCH_LABELS = {
-    "off": "nbd-umemd, --prefetch off",
-    "on": "nbd-umemd, background pull on (adaptive)",
-    "scan": "nbdkit scan + cow proxy (scan running)",
-}
-
-
 def prefetch(miss, local, nonzero, rate_bits, env, extra_env, markdown):
     """miss: {kind: [(round, fio p50, fio p99, ios, daemon p50, daemon p99, misses, progress)]} (None
     where the contender has no status); local: {kind: [(seconds, source bytes)]}."""
@@ -241,7 +236,7 @@ def prefetch(miss, local, nonzero, rate_bits, env, extra_env, markdown):
         if kind not in miss:
             continue
         f50, f99, d50, d99, n, prog = col(kind, 1), col(kind, 2), col(kind, 4), col(kind, 5), col(kind, 6), col(kind, 7)
-        miss_rows.append([PREFETCH_LABELS[kind], "%.0f" % med(f50), "%.0f" % med(f99),
+        miss_rows.append([CONTENDERS[kind], "%.0f" % med(f50), "%.0f" % med(f99),
                           "%.0f" % med(d50) if d50 else "-", "%.0f" % med(d99) if d99 else "-",
                           "%.0f" % med(n) if n else "-", "%.0f%%" % (100 * med(prog)) if prog else "-",
                           fmt(f99), fmt(d99)])
@@ -256,7 +251,7 @@ def prefetch(miss, local, nonzero, rate_bits, env, extra_env, markdown):
             continue
         secs = [r[0] for r in local[kind]]
         got = [r[1] for r in local[kind]]
-        local_rows.append([PREFETCH_LABELS[kind], "%.2f" % med(secs), "%.2f" % (med(secs) / ideal), fmt(secs, "%.2f"),
+        local_rows.append([CONTENDERS[kind], "%.2f" % med(secs), "%.2f" % (med(secs) / ideal), fmt(secs, "%.2f"),
                            "%d" % med(got)])
 
     d_on, d_off = col("on", 5), col("off", 5)

@@ -173,14 +173,6 @@ class Servers:
         self.close()
 
 
-def umemd_server(name, umemd, args, directory, tag=None, sock=None, netns=None, env=None, start_timeout=20):
-    """nbd-umemd serve ARGS with its pidfile and log in DIRECTORY/TAG.{pid,log}."""
-    tag = tag or name
-    pidfile = os.path.join(directory, tag + ".pid")
-    return Server(name, [umemd, "serve"] + list(args) + ["--pidfile", pidfile], pidfile,
-                  os.path.join(directory, tag + ".log"), sock=sock, netns=netns, env=env, start_timeout=start_timeout)
-
-
 def nbdkit_server(name, args, sock, pidfile, log_path, env=None):
     """nbdkit -f -U SOCK -P PIDFILE ARGS (in the foreground, so it stays our child)."""
     return Server(name, ["nbdkit", "-f", "-U", sock, "-P", pidfile] + list(args), pidfile, log_path, sock=sock, env=env)

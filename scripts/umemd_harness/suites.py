@@ -25,7 +25,6 @@ is kept, the summary gives medians, umemd/postcopy ratios and a PNG of the guest
 import datetime
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +48,6 @@ class Bench:
         self.work = work              # this run's temporary directory (removed at exit)
         self.img = None               # the random-data file in /dev/shm (core, lazy)
         self.log_problems = 0         # error/warning lines in the lazy and prefetch servers' logs
-        self.all_met = True
 
     def env(self):
         return reports.Env(self.umemd, self.label_a)
@@ -184,7 +182,6 @@ class Contenders:
 
 
 def run_lazy(b):
-    o, w = b.o, b.work
     lazy_dir = tempfile.mkdtemp(prefix="nbd-bench-lazy.", dir="/var/tmp")
     try:
         return _run_lazy(b, lazy_dir)
@@ -269,7 +266,7 @@ def _run_lazy(b, lazy_dir):
         ("fio command", "fio --name=miss --ioengine=nbd --uri=nbd+unix:///?socket=SOCK " + " ".join(fio_args)),
         ("server log errors/warnings", str(b.log_problems)),
     ]
-    nbdcopy = reports._first_line(["nbdcopy", "--version"], 2)
+    nbdcopy = reports.first_line(["nbdcopy", "--version"], 2)
     return reports.lazy(miss, copy, b.env(), o.size, o.size_bytes, extra, nbdcopy, o.markdown)
 
 
@@ -328,15 +325,13 @@ def _wait_source_quiet(log_path, mark, t0, nbytes, limit):
 
 
 def run_prefetch(b):
-    o, w = b.o, b.work
     pf_dir = tempfile.mkdtemp(prefix="nbd-bench-prefetch.", dir="/var/tmp")
     img = "/dev/shm/nbd-bench-half.%d" % os.getpid()
     try:
         return _run_prefetch(b, pf_dir, img)
     finally:
-        for p in (img,):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(img):
+            os.unlink(img)
         shutil.rmtree(pf_dir, ignore_errors=True)
 
 

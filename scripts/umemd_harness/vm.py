@@ -4,7 +4,6 @@ serial console stamped with the host time line by line, and QMP (scripts/lib/qmp
 The guest is Debian's kernel with a busybox initramfs; its /init (written by the caller) runs the
 workload and prints lines on the serial console.
 """
-import os
 import sys
 import threading
 import time
