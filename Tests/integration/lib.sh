@@ -53,17 +53,13 @@ _on_err() {
 trap '_on_err "$LINENO" "$BASH_COMMAND"' ERR
 
 _cleanup() {
-    local rc=$? name pid i
+    local rc=$? name i
     trap - ERR
     set +e
     for ((i = ${#PRE_STOP_CMDS[@]} - 1; i >= 0; i--)); do eval "${PRE_STOP_CMDS[$i]}" >/dev/null 2>&1; done
     for name in "${!SRV_PID[@]}"; do
-        pid=${SRV_PID[$name]}
         [ -n "${SRV_STOPPED[$name]:-}" ] && continue
-        kill -TERM "$pid" 2>/dev/null
-        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
+        stop_child "${SRV_PID[$name]}" 5
     done
     for ((i = ${#CLEANUP_CMDS[@]} - 1; i >= 0; i--)); do eval "${CLEANUP_CMDS[$i]}" >/dev/null 2>&1; done
     if [ "$rc" -ne 0 ] || [ "$_PASSED" -ne 1 ]; then
@@ -114,26 +110,22 @@ pass() {
 tmo() { timeout -k 5 "$@"; }
 
 # start_server NAME ARGS...: starts `nbd-umemd serve ARGS --pidfile $T/NAME.pid` as a child of this
-# shell with stderr in $T/NAME.log, waits for the pidfile (written once it listens).
+# shell with stderr in $T/NAME.log (common.sh's spawn_server), waits for the pidfile (written once
+# it listens).
 start_server() {
     local name=$1; shift
-    local pidfile="$T/$name.pid" pid
-    rm -f "$pidfile"
-    "$NBD_UMEMD" serve "$@" --pidfile "$pidfile" >>"$T/$name.log" 2>&1 &
-    pid=$!
-    SRV_PID[$name]=$pid
+    local pidfile="$T/$name.pid" pid rc=0
     unset "SRV_STOPPED[$name]"
-    if ! wait_for_file "$pidfile" 20; then
-        kill -0 "$pid" 2>/dev/null || fail "server $name exited during startup: nbd-umemd serve $*"
+    spawn_server "$pidfile" "$T/$name.log" "$NBD_UMEMD" serve "$@" --pidfile "$pidfile" || rc=$?
+    pid=$SPAWNED_PID
+    SRV_PID[$name]=$pid
+    if [ "$rc" -ne 0 ]; then
+        SRV_STOPPED[$name]=1
+        [ "$rc" -eq 2 ] || fail "server $name exited during startup: nbd-umemd serve $*"
         fail "server $name did not write its pidfile within 20 s: nbd-umemd serve $*"
     fi
-    # The pidfile may be created empty then filled: give it a moment.
-    local i content=""
-    for ((i = 0; i < 40; i++)); do
-        content=$(tr -d ' \n' <"$pidfile" 2>/dev/null || true)
-        [ -n "$content" ] && break
-        sleep 0.05
-    done
+    local content
+    content=$(tr -d ' \n' <"$pidfile" 2>/dev/null || true)
     [ "$content" = "$pid" ] || fail "pidfile $pidfile contains '$content', expected server pid $pid"
     kill -0 "$pid" 2>/dev/null || fail "server $name died right after startup"
 }
@@ -156,22 +148,10 @@ assert_alive() {
 
 # stop_server NAME [SECONDS]: SIGTERM, wait up to SECONDS (default 15); sets SRV_RC to the exit status.
 stop_server() {
-    local name=$1 limit=${2:-15} pid i
-    pid=${SRV_PID[$name]}
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < limit * 20; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-        SRV_STOPPED[$name]=1
-        fail "server $name did not exit within ${limit}s of SIGTERM"
-    fi
-    SRV_RC=0
-    wait "$pid" || SRV_RC=$?
+    local name=$1 limit=${2:-15}
     SRV_STOPPED[$name]=1
+    stop_child "${SRV_PID[$name]}" "$limit" || fail "server $name did not exit within ${limit}s of SIGTERM"
+    SRV_RC=$STOP_RC
 }
 
 # wait_server_exit NAME SECONDS: wait (without signalling) for server NAME to exit; sets SRV_RC.

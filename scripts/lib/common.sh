@@ -1,4 +1,5 @@
-# Shared helpers for scripts/demo, scripts/test and scripts/bench. Source it; do not run it.
+# Shared helpers for the shell scripts (scripts/*, Tests/integration/lib.sh) and, through
+# scripts/umemd_harness/common.py, the Python harness. Source it; do not run it.
 # shellcheck shell=bash
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -42,20 +43,53 @@ wait_for_file() {
     done
 }
 
-# start_umemd PIDFILE ARGS...: starts `nbd-umemd serve ARGS --pidfile PIDFILE` in the background,
-# waits until it listens, and prints its pid. The process is not a child of the caller's shell when
-# called as pid=$(start_umemd ...): stop it with stop_pid, which polls instead of waiting.
-start_umemd() {
-    local pidfile=$1; shift
+# alive PID: the process exists and is not a zombie.
+alive() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# spawn_server PIDFILE LOG CMD...: starts CMD in the background, stdout and stderr appended to LOG,
+# and waits up to SPAWN_TIMEOUT (default 20) s until it has written PIDFILE (servers write it once
+# they listen). Sets SPAWNED_PID. The server is a child of the calling shell, so that `wait` gives
+# its exit status: never call this from a $(...) subshell (Debian's nbdkit in the foreground also
+# sets PR_SET_PDEATHSIG). Returns 1 if CMD exited first, 2 if no pidfile came in time (the process
+# is then killed); either way it has been reaped.
+spawn_server() {
+    local pidfile=$1 logf=$2 i=0 limit=$((${SPAWN_TIMEOUT:-20} * 20))
+    shift 2
     rm -f "$pidfile"
-    # stdout goes to stderr so that `pid=$(start_umemd ...)` does not wait for the daemon to exit.
-    "$NBD_UMEMD" serve --pidfile "$pidfile" "$@" >&2 &
-    local pid=$!
-    if ! wait_for_file "$pidfile" 20; then
-        kill "$pid" 2>/dev/null
-        die "nbd-umemd did not start: $*"
+    "$@" >>"$logf" 2>&1 </dev/null &
+    SPAWNED_PID=$!
+    while [ ! -s "$pidfile" ]; do
+        if ! alive "$SPAWNED_PID"; then
+            wait "$SPAWNED_PID" 2>/dev/null || true
+            return 1
+        fi
+        if [ $i -ge $limit ]; then
+            kill -KILL "$SPAWNED_PID" 2>/dev/null || true
+            wait "$SPAWNED_PID" 2>/dev/null || true
+            return 2
+        fi
+        sleep 0.05
+        i=$((i + 1))
+    done
+}
+
+# stop_child PID [SECONDS]: stops a child of this shell: SIGTERM, wait up to SECONDS (default 10),
+# then SIGKILL; reaps it and sets STOP_RC to its exit status. Returns 1 if it needed SIGKILL.
+stop_child() {
+    local pid=$1 limit=$((${2:-10} * 20)) i=0 killed=0
+    kill -TERM "$pid" 2>/dev/null || true
+    while alive "$pid" && [ $i -lt $limit ]; do sleep 0.05; i=$((i + 1)); done
+    if alive "$pid"; then
+        kill -KILL "$pid" 2>/dev/null || true
+        killed=1
     fi
-    echo "$pid"
+    STOP_RC=0
+    wait "$pid" 2>/dev/null || STOP_RC=$?
+    return "$killed"
 }
 
 # start_nbdkit PIDFILE ARGS...: starts nbdkit as a daemon (it forks and detaches, so it survives the
@@ -71,7 +105,8 @@ start_nbdkit() {
     echo "$pid"
 }
 
-# stop_pid PID: SIGTERM, then wait (SIGKILL after 10 s).
+# stop_pid PID: stops a process that is not a child of this shell (it cannot be reaped here):
+# SIGTERM, then poll until it is gone (SIGKILL after 10 s).
 stop_pid() {
     local pid=$1 i=0
     kill "$pid" 2>/dev/null || return 0

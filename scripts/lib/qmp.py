@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""QMP (QEMU's JSON monitor protocol) for scripts/migrate-vm: a small client and the switch-over.
+"""QMP (QEMU's JSON monitor protocol): a small client and the switch-over, imported by
+scripts/umemd_harness/vm.py for scripts/migrate-vm; also a command line:
 
     qmp.py migrate SRC.qmp DST.qmp URI [--gate-socket CTL] [--caps CAP,...] [--params JSON] [--postcopy]
         Sets the capabilities (and migration parameters) on both sides, starts `migrate URI` on the

@@ -1,0 +1,220 @@
+"""scripts/bench: the command line, the setup shared by the suites, and the order they run in."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from . import suites
+from .common import ROOT, build_release, die, ensure_packages, log, run_main, set_prog, umemd_binary
+
+USAGE = """\
+Usage: scripts/bench [OPTIONS]
+
+Core suite: benchmarks `nbd-umemd serve --file F` against `nbdkit file F` (same file in /dev/shm) with fio's
+nbd engine over Unix sockets, alternating the two servers round by round, and prints the medians.
+
+Workloads (each run --rounds times per server):
+  qd1     4K random read,  iodepth 1   (IOPS, mean and p50 completion latency in us)
+  rr16    4K random read,  iodepth 16  (IOPS)
+  rw16    4K random write, iodepth 16  (IOPS)
+  seq8    1M sequential read, iodepth 8 (GiB/s)
+
+Lazy suite: a source `nbdkit file F` (the same random-data file) is served lazily by
+`nbd-umemd serve --source URI --store DIR` and by the nbdkit proxy
+`nbdkit --filter=cow nbd socket=SRC cow-on-read=true`, each started afresh (empty store / overlay,
+under a temp dir on the root file system) for every round and contender; the order of the
+contenders alternates from round to round.
+  miss    4K random read, iodepth 1, over the whole (absent) export, source with
+          `--filter=delay delay-read=1ms`: p50 and p99 completion latency (us) of nbd-umemd with
+          --fetch-size 4K, of nbd-umemd with the default fetch size, of the proxy, and of the
+          delayed source read directly
+  copy    `nbdcopy URI null:` of the whole export from an undelayed source (seconds), nbd-umemd
+          (default fetch size) vs the proxy; also peak RSS (VmHWM) of each server after the copy
+
+Prefetch suite: a source `nbdkit --filter=delay --filter=rate file F delay-read=1ms rate=1G` over a
+sparse image whose odd MiBs are holes; contenders nbd-umemd --prefetch off, nbd-umemd with the
+background pull (default), and `nbdkit --filter=scan --filter=cow nbd ... cow-on-read=true cow-on-cache=true`:
+  miss    4K random read, iodepth 1, started as soon as the contender listens: fio p50/p99 and
+          nbd-umemd's own demand-miss p50/p99
+  local   time until every page is local with no client, against the ideal (non-zero bytes / rate)
+
+Migrate suite: the same test VM (MIB of RAM, a workload that verifies and rewrites half of it
+continuously) live-migrated by scripts/migrate-vm between two network namespaces over one tc tbf link,
+by QEMU precopy (auto-converge), QEMU postcopy-ram (switched to post-copy at once) and nbd-umemd, the
+order rotating round by round: downtime, time to guest progress on the destination, time to all RAM on
+the destination, bytes sent, the guest's rate before/during/after, data errors; medians, umemd/postcopy
+ratios, and a PNG of the guest's rate over time.
+
+Options:
+  --suite S       core, lazy, prefetch, migrate or all    (default all, env BENCH_SUITE)
+  --rounds N      rounds per workload and server          (default 5, env BENCH_ROUNDS)
+  --runtime S     measured seconds per fio run            (default 5, env BENCH_RUNTIME)
+  --ramp S        unmeasured warm-up seconds per fio run  (default 1, env BENCH_RAMP)
+  --size SIZE     size of the test file, e.g. 1G, 512M    (default 1G, env BENCH_SIZE)
+  --mig-rounds N  migrate suite: rounds                    (default 3, env BENCH_MIG_ROUNDS)
+  --mig-mem MIB   migrate suite: guest RAM                 (default 192)
+  --mig-link RATE migrate suite: tc tbf rate of the link   (default 200mbit)
+  --mig-keep S    migrate suite: seconds run after the source is gone (default 3)
+  --plot FILE     migrate suite: where to draw the rate plot (default docs/migration-rate.png)
+  --markdown      print the report as Markdown (for BENCHMARKS.md)
+  --check         exit 1 if an acceptance criterion is not met (default: only report it)
+  --no-build      do not install packages or build; use $NBD_UMEMD or .build/release/nbd-umemd
+  --aa            A/A calibration: run a second `nbdkit file F` in place of nbd-umemd (no build),
+                  to see how far two identical servers drift apart on this machine (core only)
+  -h, --help      show this help
+
+Progress goes to stderr, the report to stdout.
+"""
+
+BASE_TOOLS = "libnbd-dev libnbd-bin python3-libnbd nbdkit qemu-utils fio pkg-config"
+
+
+class Options:
+    def __init__(self):
+        env = os.environ.get
+        self.rounds = env("BENCH_ROUNDS", "5")
+        self.runtime = env("BENCH_RUNTIME", "5")
+        self.ramp = env("BENCH_RAMP", "1")
+        self.size = env("BENCH_SIZE", "1G")
+        self.suite = env("BENCH_SUITE", "")
+        self.markdown = self.check = self.aa = False
+        self.build = True
+        self.mig_rounds = env("BENCH_MIG_ROUNDS", "3")
+        self.mig_mem, self.mig_link, self.mig_keep, self.plot = "192", "200mbit", "3", ""
+
+
+# option -> (attribute, what it needs, accepts --opt=VALUE)
+VALUED = {
+    "--rounds": ("rounds", "a value", True), "--runtime": ("runtime", "a value", True),
+    "--ramp": ("ramp", "a value", True), "--size": ("size", "a value", True), "--suite": ("suite", "a value", True),
+    "--mig-rounds": ("mig_rounds", "a value", False), "--mig-mem": ("mig_mem", "a value", False),
+    "--mig-link": ("mig_link", "a value", False), "--mig-keep": ("mig_keep", "a value", False),
+    "--plot": ("plot", "a file", False),
+}
+FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
+
+
+def check_ranges(o, ranges):
+    """Each (attribute, lo, hi, unit): a whole number in lo..hi, or a fatal error that says so."""
+    for attr, lo, hi, unit in ranges:
+        v = getattr(o, attr)
+        if re.fullmatch(r"[0-9]+", v) is None or not lo <= int(v) <= hi:
+            die("--%s must be %d..%d%s, got '%s'" % (attr.replace("_", "-"), lo, hi, unit, v))
+
+
+def parse(argv):
+    o = Options()
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        name, eq, value = a.partition("=")
+        if a in VALUED:
+            if not args:
+                die("%s needs %s" % (a, VALUED[a][1]))
+            setattr(o, VALUED[a][0], args.pop(0))
+        elif eq and name in VALUED and VALUED[name][2]:
+            setattr(o, VALUED[name][0], value)
+        elif a in FLAGS:
+            setattr(o, *FLAGS[a])
+        elif a in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            raise SystemExit(0)
+        else:
+            sys.stderr.write(USAGE)
+            die("unknown argument: %s" % a)
+
+    check_ranges(o, [("rounds", 1, 100, ""), ("runtime", 1, 600, " seconds"), ("ramp", 0, 60, " seconds")])
+    size = subprocess.run(["numfmt", "--from=iec", re.sub(r"[bB]$", "", o.size)], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)
+    if size.returncode != 0:
+        die("--size: cannot parse '%s' (use e.g. 1G, 512M)" % o.size)
+    o.size_bytes = int(size.stdout)
+    if o.size_bytes < 16 * 1024 * 1024:
+        die("--size must be at least 16M")
+    if o.size_bytes % 1048576:
+        die("--size must be a multiple of 1M")
+    if not o.suite:
+        o.suite = "core" if o.aa else "all"
+    if o.suite not in ("core", "lazy", "prefetch", "migrate", "all"):
+        die("--suite must be core, lazy, prefetch, migrate or all, got '%s'" % o.suite)
+    check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds")])
+    if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):
+        die("--mig-link wants a tc rate such as 200mbit, got '%s'" % o.mig_link)
+    o.plot = o.plot or os.path.join(ROOT, "docs", "migration-rate.png")
+    if o.aa and o.suite != "core":
+        die("--aa only applies to the core suite (use --suite core)")
+    for k in ("rounds", "runtime", "ramp", "mig_rounds", "mig_mem", "mig_keep"):
+        setattr(o, k, int(getattr(o, k)))
+    return o
+
+
+def setup(o, run):
+    """Packages, the binary and the tools the chosen suites need; returns the nbd-umemd path."""
+    if o.build:
+        ensure_packages()
+        if "migrate" in run:
+            ensure_packages("python3-matplotlib", "iproute2", "fuse3")
+    umemd = None
+    if not o.aa:
+        if o.build:
+            log("building nbd-umemd (release)")
+            umemd = build_release()
+        else:
+            umemd = umemd_binary()
+        if not os.access(umemd, os.X_OK):
+            die("nbd-umemd binary not found at %s" % umemd)
+    for tool in ["fio", "nbdkit", "python3", "numfmt", "timeout"] + (["nbdcopy"] if "lazy" in run else []):
+        if shutil.which(tool) is None:
+            die("%s not found (install: %s)" % (tool, BASE_TOOLS))
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if subprocess.run(["fio", "--enghelp=nbd"], **quiet).returncode != 0:
+        die("this fio has no nbd ioengine")
+    if "lazy" in run:
+        for plugin in ("file", "nbd"):
+            if subprocess.run(["nbdkit", plugin, "--dump-plugin"], **quiet).returncode != 0:
+                die("nbdkit has no %s plugin" % plugin)
+        for filt in ("delay", "cow"):
+            if subprocess.run(["nbdkit", "--filter=" + filt, "null", "--dump-plugin"], **quiet).returncode != 0:
+                die("nbdkit has no %s filter" % filt)
+    return umemd
+
+
+def main(argv):
+    o = parse(argv)
+    run = ["core", "lazy", "prefetch", "migrate"] if o.suite == "all" else [o.suite]
+    umemd = setup(o, run)
+    work = tempfile.mkdtemp(prefix="nbd-bench.", dir="/tmp")
+    b = suites.Bench(o, umemd, work)
+    try:
+        if set(run) & {"core", "lazy", "prefetch"}:
+            st = os.statvfs("/dev/shm")
+            if st.f_bavail * st.f_frsize <= o.size_bytes + 64 * 1048576:
+                die("not enough space in /dev/shm for %s" % o.size)
+            fd, b.img = tempfile.mkstemp(prefix="nbd-bench.", dir="/dev/shm")
+            log("filling %s with %s of random data" % (b.img, o.size))
+            with os.fdopen(fd, "wb") as f:
+                left = o.size_bytes
+                while left:
+                    f.write(os.urandom(min(left, 1 << 24)))
+                    left -= min(left, 1 << 24)
+            if os.path.getsize(b.img) != o.size_bytes:
+                die("%s has the wrong size" % b.img)
+        met = True
+        for i, name in enumerate(run):
+            if i:
+                print()
+                sys.stdout.flush()
+            met = getattr(suites, "run_" + name)(b) and met
+            sys.stdout.flush()
+        return 1 if o.check and not met else 0
+    finally:
+        if b.img:
+            os.unlink(b.img)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def entry():
+    set_prog("bench")
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""scripts/migrate-vm: the command line, the checks and the working directory around a Migration."""
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+from . import migration, vm
+from .common import Fatal, build_no_hugepage, build_release, die, ensure_packages, log, run_main, set_prog, umemd_binary
+
+USAGE = """\
+Usage: scripts/migrate-vm [--mode umemd|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S] [--keep S]
+                          [--link-rate RATE] [--link-delay MS] [--prefetch MODE]
+                          [--source-outage S[@AFTER]] [--fail-dest] [--ungated] [--dir DIR]
+
+Boots a test VM (Debian's kernel, a busybox initramfs running `nbd-mmap work`, which verifies and
+rewrites a working set of --work MiB continuously and prints its progress on the serial console)
+on the source host and migrates it:
+
+  source host (netns, 10.200.0.1)         destination host (netns, 10.200.0.2)
+    QEMU, RAM = memory-backend-file           nbd-umemd serve --source nbd://10.200.0.1 --gated
+      share=on on /dev/shm/RAMFILE            scripts/attach -> block device
+    nbd-umemd serve --file RAMFILE            QEMU -incoming, RAM = memory-backend-file on the device
+      --readonly (+ nbdkit delay proxy)
+
+x-ignore-shared on both QEMUs, so the migration stream carries device state only; the destination
+daemon pulls nothing until the source QEMU reports STOP (its RAM is still changing until then),
+then its gate opens. After the destination daemon reports every page local, the device is read
+once into the page cache (the guest's first touches of the remaining pages then need no I/O) and
+the source QEMU and export are shut down; the VM keeps running on the destination for --keep
+seconds (default 10), the destination's page cache is dropped and all guest RAM re-read (no source
+left to ask), then everything is stopped and the report printed as one `REPORT {json}` line (also
+in DIR/report.json): downtime, destination resume, first progress on the destination, all RAM
+local, bytes and packets on the link, demand misses, the guest's rate before/during/after and over
+time, data errors.
+
+--mode precopy and --mode postcopy migrate the same VM the way QEMU does on its own, for
+comparison (scripts/bench --suite migrate): no nbd-umemd; the destination's RAM is a file in
+/dev/shm and the RAM pages go through the migration stream, with QEMU's auto-converge (precopy) or
+postcopy-ram switched on at once (userfaultfd on the destination). max-bandwidth is raised to
+10 GB/s in both, so only the link limits them.
+
+Every step checks its result. A failure before the switch-over leaves the source VM running and
+removes what was set up on the destination (then the source side is stopped too, at exit).
+
+  --mode MODE          umemd (default), precopy or postcopy
+  --mem MIB            guest RAM (default 256)          --work MIB   working set (default MEM/2)
+  --run-before S       seconds on the source first (3)  --keep S     seconds on the destination (10)
+  --link-rate RATE     tc tbf rate on the veth pair (e.g. 200mbit); default unlimited
+  --link-delay MS      add MS ms per read between the destination daemon and the source export
+                       (an nbdkit --filter=delay proxy; this kernel has no netem)
+  --prefetch MODE      the destination's background pull: adaptive (default), sequential, off
+  --read-ahead KB      the destination device's read_ahead_kb (default 64: a guest page fault reads
+                       at most 64 KiB of what is absent; the background pull brings the rest)
+  --thp                let the destination QEMU mark its RAM MADV_HUGEPAGE (by default it runs under
+                       scripts/no-hugepage.c: with huge pages every page fault reads 4 MiB)
+  --dest-args "ARGS"   more arguments for the destination's `nbd-umemd serve` (e.g. "--max-rate 10M")
+  --source-outage S[@AFTER]  kill the source export AFTER s (default 0.5) after the switch-over,
+                       restart it S s later: the guest stalls on missing pages, then continues
+  --fail-dest          make the destination QEMU fail to start (tests the undo path)
+  --ungated            (tests only) no pull gate: the destination pulls while the source VM still
+                       runs, which is what the gate exists to prevent (expect data errors)
+  --dir DIR            working directory (default: a new one under /tmp, removed unless --keep-dir)
+  --keep-dir           keep the working directory (consoles, logs, report.json)
+Needs root, qemu-system-x86, nbdkit, nbd-client tools (installed if missing).
+"""
+
+
+class Options:
+    mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "umemd", "256", "", "", "64", False, "3", "10"
+    link_rate, link_delay, prefetch, outage, fail_dest, ungated, dir, keep_dir = "", "", "adaptive", "", False, False, "", False
+
+
+VALUED = {"--mode": "mode", "--mem": "mem", "--work": "work", "--run-before": "run_before", "--keep": "keep",
+          "--link-rate": "link_rate", "--link-delay": "link_delay", "--prefetch": "prefetch", "--dest-args": "dest_args",
+          "--read-ahead": "read_ahead", "--source-outage": "outage", "--dir": "dir"}
+FLAGS = {"--thp": "thp", "--fail-dest": "fail_dest", "--ungated": "ungated", "--keep-dir": "keep_dir"}
+
+
+def parse(argv):
+    o = Options()
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            raise SystemExit(0)
+        elif a in VALUED:
+            # (every value must be non-empty, except --dest-args)
+            if not args or (args[0] == "" and a != "--dest-args"):
+                die("%s needs a value" % a)
+            setattr(o, VALUED[a], args.pop(0))
+        elif a in FLAGS:
+            setattr(o, FLAGS[a], True)
+        else:
+            die("unknown option %s (see --help)" % a)
+    if os.getuid() != 0:
+        die("needs root (network namespaces, loop devices, QEMU)")
+    if not (re.fullmatch(r"[0-9]+", o.mem) and int(o.mem) >= 64):
+        die("--mem wants MiB, at least 64")
+    o.mem = int(o.mem)
+    o.work = o.work or str(o.mem // 2)
+    if not (re.fullmatch(r"[0-9]+", o.work) and int(o.work) < o.mem):
+        die("--work wants MiB, less than --mem")
+    o.work = int(o.work)
+    if o.mode in ("precopy", "postcopy"):
+        if o.link_delay or o.outage or o.ungated:
+            die("--link-delay, --source-outage and --ungated apply to --mode umemd only")
+    elif o.mode != "umemd":
+        die("--mode must be umemd, precopy or postcopy")
+    if o.prefetch not in ("adaptive", "sequential", "off"):
+        die("--prefetch must be adaptive, sequential or off")
+    if o.link_delay and not re.fullmatch(r"[0-9]+", o.link_delay):
+        die("--link-delay wants whole milliseconds")
+    o.outage_s, o.outage_at = "", 0.5
+    if o.outage:
+        o.outage_s, at, after = o.outage.partition("@")
+        if at:
+            o.outage_at = float(after)
+        if not re.fullmatch(r"[0-9]+", o.outage_s):
+            die("--source-outage wants whole seconds (S or S@AFTER)")
+    return o
+
+
+def main(argv):
+    o = parse(argv)
+    ensure_packages("iproute2", "fuse3", "python3")
+    umemd = umemd_binary()
+    if not os.access(umemd, os.X_OK):
+        umemd = build_release()
+    kernel = vm.guest_kit()
+    no_hugepage = build_no_hugepage()
+    if o.dir:
+        os.makedirs(o.dir, exist_ok=True)
+        directory = os.path.abspath(o.dir)
+    else:
+        directory = tempfile.mkdtemp(prefix="migrate-vm.", dir="/tmp")
+    os.environ["NBD_UMEMD_STATE_DIR"] = os.path.join(directory, "state")
+    m = migration.Migration(o, umemd, kernel, directory)
+    m.no_hugepage = no_hugepage
+    rc = 1
+    try:
+        m.run()
+        rc = 0
+    except Fatal as e:
+        log("error: %s" % e)
+    except migration.FailedBeforeSwitch:
+        pass
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        m.close()
+        if not o.keep_dir and rc == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            log("working directory kept: %s" % directory)
+    return rc
+
+
+def entry():
+    set_prog("migrate-vm")
+    import signal
+    sys.exit(run_main(main, sys.argv[1:], signals={signal.SIGINT: 130, signal.SIGTERM: 130}))

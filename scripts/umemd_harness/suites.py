@@ -1,0 +1,486 @@
+"""The benchmark suites of scripts/bench: core, lazy, prefetch and migrate.
+
+Core: nbd-umemd and nbdkit serve the SAME file in tmpfs (/dev/shm), filled once with random data,
+both started once; for every round and workload fio runs once against each with identical arguments,
+the order alternating from round to round.
+
+Lazy: nbd-umemd's lazy mode (`serve --source URI --store DIR`) against nbdkit's cow filter over its
+nbd plugin, a FRESH store/proxy in every run so that all pages are absent: QD1 demand-miss latency
+against a source delayed by 1 ms per read (also read directly, as the floor), and the time of a cold
+`nbdcopy URI null:` of the whole export from an undelayed source.
+
+Prefetch: source `nbdkit --filter=delay --filter=rate file F delay-read=1ms rate=1G` (1 ms per read,
+1 Gbit/s shared by all connections, nbdkit's default 2 s burst) over a sparse image whose odd MiBs are
+holes. Contenders, each started afresh for every run: nbd-umemd --prefetch off, nbd-umemd with the
+background pull (adaptive), and nbdkit's scan + cow filters. 1. fio 4K random read QD1 started as
+soon as the contender listens (so the pull, or the scan, runs during it): fio's p50/p99 and
+nbd-umemd's own demand-miss p50/p99. 2. time until fully local with no client: nbd-umemd's status
+turns "complete"; the scan proxy (which only scans while a client is connected, so an idle one stays
+connected) until the source has served its last read. Compared with non-zero bytes / link rate.
+
+Migrate: the same VM live-migrated by scripts/migrate-vm over the same tc tbf link by QEMU precopy
+(auto-converge), QEMU postcopy-ram and nbd-umemd, the order rotating round by round; each run's REPORT
+is kept, the summary gives medians, umemd/postcopy ratios and a PNG of the guest's rate over time.
+"""
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import fio, reports
+from .common import PYTHON, ROOT, die, log, read_text, tail
+from .servers import Server, Servers, nbdkit_server
+
+PF_RATE_BITS = 1 << 30   # nbdkit rate=1G: bits per second
+
+
+class Bench:
+    """Options and state shared by the suites of one scripts/bench run."""
+
+    def __init__(self, opts, umemd, work):
+        self.o = opts
+        self.umemd = umemd            # the nbd-umemd binary (None with --aa)
+        self.label_a = "nbdkit-2" if opts.aa else "nbd-umemd"
+        self.work = work              # this run's temporary directory (removed at exit)
+        self.img = None               # the random-data file in /dev/shm (core, lazy)
+        self.log_problems = 0         # error/warning lines in the lazy and prefetch servers' logs
+
+    def env(self):
+        return reports.Env(self.umemd, self.label_a)
+
+    def note_log_errors(self, name, server):
+        lines = server.log_problems()
+        if lines:
+            log("WARNING: %s logged %d error/warning line(s) (%s):" % (name, len(lines), server.log_path))
+            sys.stderr.write("".join(l + "\n" for l in lines[:20]))
+            self.log_problems += len(lines)
+
+
+def vm_hwm(pid):
+    """Peak resident set size of PID in KiB (VmHWM), or None."""
+    for line in read_text("/proc/%d/status" % pid).splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
+# =================================================================================================
+# Core suite
+# =================================================================================================
+CORE_WORKLOADS = [
+    ("qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"]),
+    ("rr16", ["--rw=randread", "--bs=4k", "--iodepth=16"]),
+    ("rw16", ["--rw=randwrite", "--bs=4k", "--iodepth=16"]),
+    ("seq8", ["--rw=read", "--bs=1M", "--iodepth=8"]),
+]
+
+
+def run_core(b):
+    o, w = b.o, b.work
+    A = b.label_a
+    with Servers() as servers:
+        a_sock, k_sock = os.path.join(w, "umemd.sock"), os.path.join(w, "nbdkit.sock")
+        if o.aa:
+            a = nbdkit_server("nbdkit-2", ["file", b.img], a_sock, os.path.join(w, "umemd.pid"), os.path.join(w, "umemd.log"))
+        else:
+            pidfile = os.path.join(w, "umemd.pid")
+            a = Server("nbd-umemd", [b.umemd, "serve", "--file", b.img, "--unix", a_sock, "--pidfile", pidfile], pidfile,
+                       os.path.join(w, "umemd.log"), sock=a_sock)
+        servers.start(a)
+        k = servers.start(nbdkit_server("nbdkit", ["file", b.img], k_sock, os.path.join(w, "nbdkit.pid"),
+                                        os.path.join(w, "nbdkit.log")))
+        by_label = {A: a, "nbdkit": k}
+        # --ioengine must come before the engine option --uri, so it is given first (not in common).
+        common = ["--direct=0", "--numjobs=1", "--group_reporting", "--size=%d" % o.size_bytes, "--norandommap",
+                  "--randrepeat=0", "--time_based", "--runtime=%d" % o.runtime, "--ramp_time=%d" % o.ramp,
+                  "--output-format=json"]
+        results = {}
+        total = o.rounds * len(CORE_WORKLOADS) * 2
+        log("running %d fio runs of %ds (+%ds ramp): about %d min"
+            % (total, o.runtime, o.ramp, (total * (o.runtime + o.ramp + 1) + 59) // 60))
+        for rnd in range(1, o.rounds + 1):
+            for i, (wl, wargs) in enumerate(CORE_WORKLOADS):
+                # Alternate which server goes first: for a given workload the order flips every round.
+                order = [A, "nbdkit"] if (rnd + i) % 2 else ["nbdkit", A]
+                for server in order:
+                    srv = by_label[server]
+                    srv.check_alive()
+                    vals = fio.run(wl, srv.sock, wargs + common, os.path.join(w, "%s-%s-%d.json" % (wl, server, rnd)),
+                                   o.runtime + o.ramp + 60, server, "%s, round %d" % (wl, rnd), fio.iops_latency, srv)
+                    srv.check_alive()
+                    results.setdefault((wl, server), []).append(
+                        (rnd, dict(zip(("iops", "mean", "p50", "gib"), vals))))
+                    log("  %s %s round %d: iops/clat_mean_us/clat_p50_us/GiBps = %.3f %.3f %.3f %.6f"
+                        % ((wl, server, rnd) + vals))
+        # The servers are no longer needed: stop them before the report (and before the lazy suite).
+    fio_args = "fio --name=W --ioengine=nbd --uri=nbd+unix:///?socket=SOCK <workload args> " + " ".join(common)
+    params = "rounds=%d runtime=%ds ramp=%ds size=%s file=/dev/shm (tmpfs, random data)" % (o.rounds, o.runtime, o.ramp, o.size)
+    return reports.core(results, b.env(), params, fio_args, o.markdown)
+
+
+# =================================================================================================
+# Lazy suite
+# =================================================================================================
+def _fs_type(path):
+    out = subprocess.run(["df", "--output=fstype", path], stdout=subprocess.PIPE).stdout.decode().split()
+    return out[-1] if out else "?"
+
+
+def _nbdkit_source(name, directory, tag, args, env=None):
+    sock = os.path.join(directory, tag + ".sock")
+    return nbdkit_server(name, args, sock, os.path.join(directory, tag + ".pid"), os.path.join(directory, tag + ".log"), env)
+
+
+class Contenders:
+    """Lazy servers started afresh for each run, each in DIR/TAG (store or overlay, socket, log)."""
+
+    def __init__(self, bench, servers, directory):
+        self.b, self.servers, self.dir = bench, servers, directory
+
+    def start(self, kind, src, tag):
+        d = os.path.join(self.dir, tag)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(os.path.join(d, "tmp"))
+        sock, pidfile, logf = os.path.join(d, "sock"), os.path.join(d, "pid"), os.path.join(d, "log")
+        src_uri = "nbd+unix:///?socket=" + src
+        if kind in ("umemd", "umemd-4k", "off", "on"):
+            args = [self.b.umemd, "serve", "--source", src_uri, "--store", os.path.join(d, "store")]
+            if kind in ("umemd", "umemd-4k", "off"):
+                args += ["--prefetch", "off"]
+            if kind == "umemd-4k":
+                args += ["--fetch-size", "4K"]
+            if kind in ("off", "on"):
+                args += ["--unix", sock, "--control", os.path.join(d, "ctl")]
+            else:
+                args += ["--unix", sock]
+            srv = Server("umemd-" + kind if kind in ("off", "on") else kind, args + ["--pidfile", pidfile], pidfile, logf,
+                         sock=sock)
+        elif kind == "proxy":
+            srv = nbdkit_server("proxy", ["--filter=cow", "nbd", "socket=" + src, "cow-on-read=true"], sock, pidfile, logf,
+                                env={"TMPDIR": os.path.join(d, "tmp")})
+        elif kind == "scan":
+            srv = nbdkit_server("scan", ["--filter=scan", "--filter=cow", "nbd", "socket=" + src, "cow-on-read=true",
+                                         "cow-on-cache=true"], sock, pidfile, logf, env={"TMPDIR": os.path.join(d, "tmp")})
+        else:
+            die("unknown contender %s" % kind)
+        srv.start_timeout = 20
+        srv.dir = d
+        return self.servers.start(srv)
+
+    def finish(self, kind, srv, keep_log=None):
+        """Stops the contender (fatal if it had died), checks its log, deletes its store."""
+        self.servers.stop(srv, "the lazy benchmark")
+        self.b.note_log_errors(kind, srv)
+        if keep_log:
+            with open(keep_log, "a") as out:
+                out.write(read_text(srv.log_path))
+        shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+def run_lazy(b):
+    lazy_dir = tempfile.mkdtemp(prefix="nbd-bench-lazy.", dir="/var/tmp")
+    try:
+        return _run_lazy(b, lazy_dir)
+    finally:
+        shutil.rmtree(lazy_dir, ignore_errors=True)
+
+
+def _run_lazy(b, lazy_dir):
+    o, w = b.o, b.work
+    fs = _fs_type(lazy_dir)
+    servers_log = os.path.join(w, "lazy-servers.log")
+    open(servers_log, "w").close()
+    miss, copy = {}, {}
+    fio_args = ["--rw=randread", "--bs=4k", "--iodepth=1", "--direct=0", "--numjobs=1", "--size=%d" % o.size_bytes,
+                "--norandommap", "--randrepeat=0", "--time_based", "--runtime=%d" % o.runtime, "--ramp_time=0",
+                "--percentile_list=50:99", "--output-format=json"]
+    fio_timeout, copy_timeout = o.runtime + 60, 900
+    with Servers() as servers:
+        # The two sources, started once (they keep no state): the delayed one for the miss latencies,
+        # the plain one for the cold copy.
+        src_delay = servers.start(_nbdkit_source("source-delay", w, "src-delay",
+                                                 ["--filter=delay", "file", b.img, "delay-read=1ms"]))
+        src_plain = servers.start(_nbdkit_source("source", w, "src-plain", ["file", b.img]))
+        cont = Contenders(b, servers, lazy_dir)
+        kinds = ["umemd-4k", "umemd", "proxy", "direct"]
+        log("lazy suite: %d rounds x (%d miss-latency runs of %ds + 2 cold copies of %s); stores under %s (%s)"
+            % (o.rounds, len(kinds), o.runtime, o.size, lazy_dir, fs))
+        for rnd in range(1, o.rounds + 1):
+            # --- 1. demand-miss latency; the order rotates by one contender each round ---------------
+            for i in range(len(kinds)):
+                kind = kinds[(i + rnd - 1) % len(kinds)]
+                tag = "miss-%s-%d" % (kind, rnd)
+                srv = None if kind == "direct" else cont.start(kind, src_delay.sock, tag)
+                sock = src_delay.sock if srv is None else srv.sock
+                vals = fio.run("miss", sock, fio_args, os.path.join(w, tag + ".json"), fio_timeout, kind,
+                               "miss latency, round %d" % rnd, fio.read_percentiles, srv)
+                src_delay.check_alive("the lazy benchmark")
+                if srv is not None:
+                    cont.finish(kind, srv, servers_log)
+                miss.setdefault(kind, []).append((rnd,) + vals)
+                log("  miss %s round %d: p50_us/p99_us/ios = %.3f %.3f %d" % ((kind, rnd) + vals))
+            # --- 2. cold sequential copy; the order alternates each round ----------------------------
+            for kind in (["umemd", "proxy"] if rnd % 2 else ["proxy", "umemd"]):
+                tag = "copy-%s-%d" % (kind, rnd)
+                # Warm-up, untimed: one whole copy through a contender of the same kind (then thrown
+                # away with its store), so that the binaries, libnbd, the source and the file
+                # system's allocator are warm. Without it whichever copy came first after the latency
+                # runs was up to 2-3x slower, for either contender (this machine's DAMON pageout drops
+                # pages that sit idle).
+                srv = cont.start(kind, src_plain.sock, "warm-" + tag)
+                if _nbdcopy(srv.sock, copy_timeout, os.devnull) != 0:
+                    die("warm-up copy through %s failed" % kind)
+                cont.finish(kind, srv, servers_log)
+                # Settle the file system: the deleted stores/overlays (nbd-umemd's are on disk, the
+                # proxy's only in the page cache) are freed now, not while the next contender copies.
+                os.sync()
+                srv = cont.start(kind, src_plain.sock, tag)
+                err = os.path.join(w, tag + ".err")
+                t0 = time.time()
+                if _nbdcopy(srv.sock, copy_timeout, err) != 0:
+                    log("nbdcopy failed against %s: nbdcopy nbd+unix:///?socket=%s null:" % (kind, srv.sock))
+                    sys.stderr.write(read_text(err))
+                    srv.check_alive("the lazy benchmark")
+                    die("nbdcopy failed against %s (cold copy, round %d)" % (kind, rnd))
+                secs = round(time.time() - t0, 3)
+                srv.check_alive("the lazy benchmark")
+                hwm = vm_hwm(srv.pid)
+                cont.finish(kind, srv, servers_log)
+                copy.setdefault(kind, []).append((rnd, secs, hwm or 0))
+                log("  copy %s round %d: %.3fs, VmHWM %s KiB" % (kind, rnd, secs, hwm if hwm is not None else "?"))
+        b.note_log_errors("source-delay", src_delay)
+        b.note_log_errors("source", src_plain)
+        servers.stop(src_delay, "the lazy benchmark")
+        servers.stop(src_plain, "the lazy benchmark")
+
+    extra = [
+        ("parameters", "rounds=%d runtime=%ds size=%s source file=/dev/shm (tmpfs, random data); stores/overlays under "
+                       "%s (%s, root file system), fresh for every run" % (o.rounds, o.runtime, o.size, lazy_dir, fs)),
+        ("servers", "source: nbdkit -U SRC file F [--filter=delay delay-read=1ms]; nbd-umemd serve --source "
+                    "nbd+unix:///?socket=SRC --store DIR --prefetch off [--fetch-size 4K] --unix SOCK; proxy: TMPDIR=DIR "
+                    "nbdkit -U SOCK --filter=cow nbd socket=SRC cow-on-read=true; copy: nbdcopy nbd+unix:///?socket=SOCK null:"),
+        ("fio command", "fio --name=miss --ioengine=nbd --uri=nbd+unix:///?socket=SOCK " + " ".join(fio_args)),
+        ("server log errors/warnings", str(b.log_problems)),
+    ]
+    nbdcopy = reports.first_line(["nbdcopy", "--version"], 2)
+    return reports.lazy(miss, copy, b.env(), o.size, o.size_bytes, extra, nbdcopy, o.markdown)
+
+
+def _nbdcopy(sock, timeout, out):
+    with open(out, "wb") as f:
+        try:
+            return subprocess.run(["nbdcopy", "nbd+unix:///?socket=" + sock, "null:"], stdout=f, stderr=f,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return 124
+
+
+# =================================================================================================
+# Prefetch suite
+# =================================================================================================
+def _status(umemd, ctl):
+    out = subprocess.run([umemd, "status", "--control", ctl], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if out.returncode != 0:
+        return None
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        return None
+
+
+def source_read_bytes(log_path, mark):
+    """Bytes of the Reads an nbdkit log filter logged after line MARK."""
+    total = 0
+    for line in read_text(log_path).splitlines()[mark:]:
+        if " Read " in line and "return=" not in line:
+            for field in line.split():
+                if field.startswith("count=0x"):
+                    total += int(field[6:], 16)
+    return total
+
+
+def _line_count(path):
+    return len(read_text(path).splitlines())
+
+
+def _wait_source_quiet(log_path, mark, t0, nbytes, limit):
+    """Waits until the source has served at least NBYTES of reads since line MARK and then logged
+    nothing for 2 s; the seconds from T0 to its last logged reply (None after LIMIT s)."""
+    last, quiet = -1, 0
+    for _ in range(limit * 10):
+        n = _line_count(log_path)
+        quiet = quiet + 1 if n == last else 0
+        last = n
+        if quiet >= 20 and source_read_bytes(log_path, mark) >= nbytes:
+            # Log lines start with "YYYY-MM-DD HH:MM:SS.ffffff" (local time).
+            line = read_text(log_path).splitlines()[-1]
+            stamp = datetime.datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S.%f")
+            return round(stamp.timestamp() - t0, 3)
+        time.sleep(0.1)
+    return None
+
+
+def run_prefetch(b):
+    pf_dir = tempfile.mkdtemp(prefix="nbd-bench-prefetch.", dir="/var/tmp")
+    img = "/dev/shm/nbd-bench-half.%d" % os.getpid()
+    try:
+        return _run_prefetch(b, pf_dir, img)
+    finally:
+        if os.path.exists(img):
+            os.unlink(img)
+        shutil.rmtree(pf_dir, ignore_errors=True)
+
+
+def _run_prefetch(b, pf_dir, img):
+    o, w = b.o, b.work
+    d = os.path.join(w, "prefetch")
+    os.makedirs(d, exist_ok=True)
+    log("prefetch suite: building a sparse %s image, odd MiBs zero" % o.size)
+    with open(img, "wb") as f:
+        f.truncate(o.size_bytes)
+        for mib in range(0, o.size_bytes >> 20, 2):
+            f.seek(mib << 20)
+            f.write(os.urandom(1 << 20))
+    mibs = o.size_bytes >> 20
+    nonzero = mibs // 2 * 1048576 + (mibs % 2) * 1048576
+    fio_args = ["--rw=randread", "--bs=4k", "--iodepth=1", "--direct=0", "--numjobs=1", "--size=%d" % o.size_bytes,
+                "--norandommap", "--randrepeat=0", "--time_based", "--runtime=%d" % o.runtime, "--ramp_time=0",
+                "--percentile_list=50:99", "--output-format=json"]
+    requests = os.path.join(d, "src-requests.log")
+    miss, local = {}, {}
+    with Servers() as servers:
+        src = servers.start(_nbdkit_source("source", d, "src", [
+            "--filter=log", "--filter=delay", "--filter=rate", "file", img, "delay-read=1ms", "rate=1G",
+            "logfile=" + requests]))
+        cont = Contenders(b, servers, pf_dir)
+        kinds = ["off", "on", "scan"]
+        log("prefetch suite: %d rounds x (3 demand-miss runs of %ds + 2 time-to-local runs)" % (o.rounds, o.runtime))
+        for rnd in range(1, o.rounds + 1):
+            for i in range(3):
+                kind = kinds[(i + rnd - 1) % 3]
+                tag = "miss-%s-%d" % (kind, rnd)
+                srv = cont.start(kind, src.sock, tag)
+                vals = fio.run("miss", srv.sock, fio_args, os.path.join(d, tag + ".json"), o.runtime + 60, kind,
+                               "prefetch suite, round %d" % rnd, fio.read_percentiles, srv)
+                st = (None, None, None, None)
+                if kind != "scan":
+                    j = _status(b.umemd, os.path.join(srv.dir, "ctl"))
+                    if j is None:
+                        die("status of %s failed" % kind)
+                    st = (j["miss_latency_p50_us"], j["miss_latency_p99_us"], j["demand_misses"], j["progress"])
+                src.check_alive("the lazy benchmark")
+                cont.finish(kind, srv)
+                miss.setdefault(kind, []).append((rnd,) + vals + st)
+                log("  miss %s round %d: fio p50/p99/ios = %.3f %.3f %d; daemon miss p50/p99/misses/progress = %s"
+                    % ((kind, rnd) + vals + (" ".join("-" if v is None else str(v) for v in st),)))
+            for kind in (["on", "scan"] if rnd % 2 else ["scan", "on"]):
+                tag = "local-%s-%d" % (kind, rnd)
+                mark = _line_count(requests)
+                t0 = time.time()
+                srv = cont.start(kind, src.sock, tag)
+                if kind == "on":
+                    secs = None
+                    for _ in range(300 * 50):
+                        j = _status(b.umemd, os.path.join(srv.dir, "ctl"))
+                        if j is not None and j.get("complete") is True:
+                            secs = round(time.time() - t0, 3)
+                            break
+                        time.sleep(0.02)
+                    if secs is None:
+                        die("nbd-umemd did not become complete within 300 s")
+                else:
+                    # The scan only runs while a client is connected: keep an idle one connected.
+                    idle = subprocess.Popen([PYTHON, "-c", "import nbd, sys, time; h = nbd.NBD(); "
+                                             "h.connect_uri(sys.argv[1]); time.sleep(600)",
+                                             "nbd+unix:///?socket=" + srv.sock],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    try:
+                        secs = _wait_source_quiet(requests, mark, t0, nonzero, 300)
+                    finally:
+                        idle.kill()
+                        idle.wait()
+                    if secs is None:
+                        die("the scan proxy did not finish within 300 s")
+                got = source_read_bytes(requests, mark)
+                cont.finish(kind, srv)
+                local.setdefault(kind, []).append((secs, got))
+                log("  time to local %s round %d: %.3fs, source served %d bytes" % (kind, rnd, secs, got))
+        b.note_log_errors("source", src)
+        servers.stop(src, "the lazy benchmark")
+
+    extra = [
+        ("parameters", "rounds=%d runtime=%ds size=%s (sparse, every other MiB a hole: %d bytes of random data) in "
+                       "/dev/shm; stores/overlays under /var/tmp (ext4), fresh for every run" % (o.rounds, o.runtime, o.size, nonzero)),
+        ("servers", "source: nbdkit -U SRC --filter=log --filter=delay --filter=rate file F delay-read=1ms rate=1G; off: "
+                    "nbd-umemd serve --source nbd+unix:///?socket=SRC --store DIR --prefetch off --unix SOCK --control CTL; "
+                    "on: the same without --prefetch off (adaptive); scan: TMPDIR=DIR nbdkit -U SOCK --filter=scan "
+                    "--filter=cow nbd socket=SRC cow-on-read=true cow-on-cache=true"),
+        ("fio command", "fio --name=miss --ioengine=nbd --uri=nbd+unix:///?socket=SOCK " + " ".join(fio_args)),
+        ("server log errors/warnings", str(b.log_problems)),
+    ]
+    return reports.prefetch(miss, local, nonzero, PF_RATE_BITS, b.env(), extra, o.markdown)
+
+
+# =================================================================================================
+# Migrate suite
+# =================================================================================================
+def _keep_failed_run(run_dir, name):
+    """Copies a failed run's consoles and logs to /var/tmp (the benchmark's own directory is removed
+    at exit) and says where."""
+    keep = tempfile.mkdtemp(prefix="nbd-bench-migrate-%s." % name, dir="/var/tmp")
+    for p in (run_dir, run_dir + ".log"):
+        try:
+            if os.path.isdir(p):
+                shutil.copytree(p, os.path.join(keep, os.path.basename(p)), symlinks=True)
+            elif os.path.exists(p):
+                shutil.copy(p, keep)
+        except OSError:
+            pass
+    log("    the failed run's logs and consoles are kept in %s" % keep)
+
+
+def run_migrate(b):
+    o = b.o
+    d = os.path.join(b.work, "migrate")
+    os.makedirs(d, exist_ok=True)
+    modes = ["precopy", "postcopy", "umemd"]
+    runs = {m: [] for m in modes}
+    log("migrate suite: %d rounds x 3 migrations of a %d MiB VM over a %s link" % (o.mig_rounds, o.mig_mem, o.mig_link))
+    for rnd in range(1, o.mig_rounds + 1):
+        for i in range(3):
+            mode = modes[(i + rnd - 1) % 3]
+            out = os.path.join(d, "%s-%d" % (mode, rnd))
+            log("  round %d: %s" % (rnd, mode))
+            cmd = ["timeout", "1800", os.path.join(ROOT, "scripts", "migrate-vm"), "--mode", mode, "--mem", str(o.mig_mem),
+                   "--link-rate", o.mig_link, "--keep", str(o.mig_keep), "--dir", out, "--keep-dir"]
+            with open(out + ".log", "wb") as f:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            text = read_text(out + ".log")
+            report = [l[len("REPORT "):] for l in text.splitlines() if l.startswith("REPORT ")]
+            if rc != 0 or not report:
+                sys.stderr.write(tail(out + ".log", 20) + "\n")
+                # QEMU's own modes may fail (that is a result); nbd-umemd failing ends the benchmark
+                if mode == "umemd":
+                    die("migrate-vm --mode umemd failed (status %d, round %d)" % (rc, rnd))
+                _keep_failed_run(out, "%s-%d" % (mode, rnd))
+                errors = [l for l in text.splitlines() if "error" in l and "working directory" not in l]
+                r = {"status": "failed", "mode": mode, "error": errors[-1] if errors else ""}
+                with open(out + ".json", "w") as f:
+                    f.write(json.dumps(r) + "\n")
+                log("    FAILED: %s" % json.dumps(r))
+                runs[mode].append(r)
+                continue
+            with open(out + ".json", "w") as f:
+                f.write("\n".join(report) + "\n")
+            r = json.loads(report[0])
+            runs[mode].append(r)
+            log("    downtime %s ms, progress on the destination after %s ms, all RAM there after %s ms, %s link bytes, "
+                "%s errors" % (r["downtime_ms"], r["first_progress_on_destination_ms"], r["all_ram_local_ms"],
+                               r["link_bytes"], r["data_errors"]))
+    params = "rounds=%d mem=%dMiB work=%dMiB link=%s keep=%ds" % (o.mig_rounds, o.mig_mem, o.mig_mem // 2, o.mig_link, o.mig_keep)
+    args = "scripts/migrate-vm --mode MODE --mem %d --link-rate %s --keep %d" % (o.mig_mem, o.mig_link, o.mig_keep)
+    return reports.migrate(runs, b.env(), params, args, o.markdown, o.plot)
