@@ -42,24 +42,27 @@ enum SwapMode {
             }.wait()) ?? false
             if flagged { loopsFlagged += 1 }
         }
-        let arrived = NIOLockedValueBox(0)
+        let arrived = ConditionLock(value: 0)
         let poolFlagged = NIOLockedValueBox(0)
         let release = ConditionLock(value: 0)
         for _ in 0 ..< threads {
             pool.submit { _ in
                 SwapSafety.prefaultReserve(bytes: 1 << 20)
                 if SwapSafety.ioFlusherOnThisThread() { poolFlagged.withLockedValue { $0 += 1 } }
-                arrived.withLockedValue { $0 += 1 }
+                arrived.lock()
+                arrived.unlock(withValue: arrived.value + 1)
                 // held until every I/O thread has arrived (or the check gave up), so each reports once
                 release.lock(whenValue: 1)
                 release.unlock()
             }
         }
-        let deadline = NIODeadline.now() + .seconds(10)
-        while arrived.withLockedValue({ $0 }) < threads && NIODeadline.now() < deadline {
-            usleepNanos(1_000_000)
+        // Wait (at most 10 s) until every I/O thread has arrived.
+        var poolReported = threads
+        if !arrived.lock(whenValue: threads, timeoutSeconds: 10) {
+            arrived.lock()
+            poolReported = arrived.value
         }
-        let poolReported = arrived.withLockedValue { $0 }
+        arrived.unlock()
         release.lock()
         release.unlock(withValue: 1)
         let poolOK = poolFlagged.withLockedValue { $0 }
@@ -84,10 +87,5 @@ enum SwapMode {
                           threadsWithoutIOFlusher: missing.count,
                           memoryLockedBytes: SwapSafety.lockedBytes() ?? 0,
                           oomScoreAdj: SwapSafety.oomScoreAdjust() ?? 0)
-    }
-
-    private static func usleepNanos(_ ns: Int) {
-        var t = timespec(tv_sec: 0, tv_nsec: ns)
-        _ = nanosleep(&t, nil)
     }
 }
