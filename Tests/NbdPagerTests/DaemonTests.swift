@@ -83,18 +83,11 @@ final class DaemonTests: XCTestCase {
         (0 ..< count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) }
     }
 
-    /// A daemon with a file export and a memory export on one Unix socket: each is written and read
-    /// through its own connection, holds only its own data, and NBD_OPT_LIST lists both.
-    func testTwoExportsServedSideBySide() async throws {
-        let file = directory + "/disk.img"
-        XCTAssertTrue(FileManager.default.createFile(atPath: file, contents: Data(count: 1 << 20)))
-        let socket = directory + "/nbd.sock", control = directory + "/ctl.sock", pidfile = directory + "/pid"
-        var configuration = DaemonConfiguration(
-            exports: [
-                ExportConfiguration(name: "disk", kind: FileExport(path: file), description: "the disk"),
-                ExportConfiguration(name: "ram", kind: MemoryExport(size: 4 << 20)),
-            ],
-            listeners: [.unix(path: socket)])
+    /// Starts a daemon (two threads, one event loop, no signal handling) with these exports on a Unix
+    /// socket and returns once it serves.
+    func startDaemon(_ exports: [ExportConfiguration], socket: String, control: String,
+                     pidfile: String? = nil) async -> (Daemon, Task<Void, any Error>) {
+        var configuration = DaemonConfiguration(exports: exports, listeners: [.unix(path: socket)])
         configuration.controlPath = control
         configuration.pidfile = pidfile
         configuration.threads = 2
@@ -105,6 +98,21 @@ final class DaemonTests: XCTestCase {
         let daemon = Daemon(configuration: configuration, logger: logger)
         let running = Task { try await daemon.run() }
         await daemon.waitUntilServing()
+        return (daemon, running)
+    }
+
+    /// A daemon with a file export and a memory export on one Unix socket: each is written and read
+    /// through its own connection, holds only its own data, and NBD_OPT_LIST lists both.
+    func testTwoExportsServedSideBySide() async throws {
+        let file = directory + "/disk.img"
+        XCTAssertTrue(FileManager.default.createFile(atPath: file, contents: Data(count: 1 << 20)))
+        let socket = directory + "/nbd.sock", control = directory + "/ctl.sock", pidfile = directory + "/pid"
+        let (daemon, running) = await startDaemon(
+            [
+                ExportConfiguration(name: "disk", kind: FileExport(path: file), description: "the disk"),
+                ExportConfiguration(name: "ram", kind: MemoryExport(size: 4 << 20)),
+            ],
+            socket: socket, control: control, pidfile: pidfile)
         XCTAssertTrue(FileManager.default.fileExists(atPath: pidfile))
 
         let a = pattern(8192, seed: 1), b = pattern(8192, seed: 99)
@@ -182,17 +190,8 @@ final class DaemonTests: XCTestCase {
         let socket = directory + "/nbd.sock", control = directory + "/ctl.sock"
         var lazy = LazyExport(source: source.uri, store: directory + "/store")
         lazy.gated = true
-        var configuration = DaemonConfiguration(exports: [ExportConfiguration(name: "vm", kind: lazy)],
-                                                listeners: [.unix(path: socket)])
-        configuration.controlPath = control
-        configuration.threads = 2
-        configuration.eventLoops = 1
-        configuration.handlesSignals = false
-        var logger = Logger(label: "daemon-test")
-        logger.logLevel = .warning
-        let daemon = Daemon(configuration: configuration, logger: logger)
-        let running = Task { try await daemon.run() }
-        await daemon.waitUntilServing()
+        let (daemon, running) = await startDaemon([ExportConfiguration(name: "vm", kind: lazy)],
+                                                  socket: socket, control: control)
 
         let (before, json) = try ControlClient.send(StatusCommand(), to: control)
         guard case .ok(let closed) = before else { return XCTFail("status failed: \(json.rendered)") }

@@ -78,40 +78,34 @@ final class HandlerLifecycleTests: XCTestCase {
     static let size: UInt64 = 1 << 20
 
     struct Harness {
-        let channel: EmbeddedChannel
+        let connection: HandlerTests.Harness
         let backend: GatedBackend
-        let tracker = ConnectionTracker()
         let reads = ReadCounter()
+        var channel: EmbeddedChannel { connection.channel }
+        var tracker: ConnectionTracker { connection.tracker }
 
         init(lazy: Bool = false) throws {
             backend = try GatedBackend(size: HandlerLifecycleTests.size, lazy: lazy)
             let export = Export(name: "mem", description: "", backend: backend, readOnly: false,
                                 minimumBlockSize: 1, threadPool: HandlerTests.pool)
-            var logger = Logger(label: "test")
-            logger.logLevel = .critical
-            channel = EmbeddedChannel()
-            try channel.pipeline.syncOperations.addHandler(reads)
-            try channel.pipeline.syncOperations.addHandler(
-                NBDConnectionHandler(exports: [export], tracker: tracker, logger: logger))
-            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 10809)).wait()
+            connection = try HandlerTests.Harness(export: export, before: [reads])
         }
 
-        func feed(_ bytes: [UInt8]) throws {
-            try channel.writeInbound(Wire.buffer(bytes))
-            channel.pipeline.fireChannelReadComplete()
-        }
-
-        func output() throws -> [UInt8] {
-            var out: [UInt8] = []
-            while let b = try channel.readOutbound(as: ByteBuffer.self) { out += b.bytes }
-            return out
-        }
+        func feed(_ bytes: [UInt8]) throws { try connection.feed(bytes) }
+        func output() throws -> [UInt8] { try connection.output() }
 
         func handshake(structured: Bool = false) throws {
             _ = try output()
             try feed(Wire.be(UInt32(3)) + (structured ? Wire.option(Opt.structuredReply) : [])
                      + Wire.option(Opt.go, Wire.infoPayload(name: "mem", requests: [])))
             XCTAssertEqual(parseOptionReplies(try output()).last?.type, RT.ack)
+        }
+    }
+
+    /// CACHE requests (cookies 0 ...), as many as may be in flight; each waits in the gated backend.
+    static func requestsFillingTheInFlightLimit() -> [UInt8] {
+        (0 ..< ConnectionLifecycle.maxInFlight).flatMap {
+            Wire.request(.cache, cookie: UInt64($0), offset: 0, length: 4096)
         }
     }
 
@@ -178,10 +172,7 @@ final class HandlerLifecycleTests: XCTestCase {
         let h = try harness()
         try h.handshake()
         // Fill the in-flight limit, so that the next requests stay buffered (parse held).
-        var bytes: [UInt8] = []
-        for i in 0 ..< ConnectionLifecycle.maxInFlight {
-            bytes += Wire.request(.cache, cookie: UInt64(i), offset: 0, length: 4096)
-        }
+        var bytes = Self.requestsFillingTheInFlightLimit()
         bytes += Wire.request(.flush, cookie: 1000, offset: 0, length: 0)
         bytes += Wire.request(.read, cookie: 1001, offset: 0, length: 8)
         try h.feed(bytes)
@@ -202,10 +193,7 @@ final class HandlerLifecycleTests: XCTestCase {
     func testBackPressureHoldsParsingAndReadingUntilARequestFinishes() throws {
         let h = try harness()
         try h.handshake()
-        var bytes: [UInt8] = []
-        for i in 0 ..< ConnectionLifecycle.maxInFlight {
-            bytes += Wire.request(.cache, cookie: UInt64(i), offset: 0, length: 4096)
-        }
+        var bytes = Self.requestsFillingTheInFlightLimit()
         bytes += Wire.request(.flush, cookie: 1000, offset: 0, length: 0)
         try h.feed(bytes)
         let readsBefore = h.reads.reads

@@ -22,12 +22,18 @@ final class HandlerTests: XCTestCase {
 
         init(readOnly: Bool = false, minimumBlockSize: UInt32 = 1) throws {
             let backend = try FileBackend.memory(size: HandlerTests.size)
-            export = Export(name: "mem", description: "memory export", backend: backend, readOnly: readOnly,
-                            minimumBlockSize: minimumBlockSize, threadPool: HandlerTests.pool)
+            try self.init(export: Export(name: "mem", description: "memory export", backend: backend, readOnly: readOnly,
+                                         minimumBlockSize: minimumBlockSize, threadPool: HandlerTests.pool))
+        }
+
+        /// The handler over `export`, with `before` added to the pipeline ahead of it.
+        init(export: Export, before: [any ChannelHandler] = []) throws {
+            self.export = export
             tracker = ConnectionTracker()
             var logger = Logger(label: "test")
             logger.logLevel = .critical
             channel = EmbeddedChannel()
+            for handler in before { try channel.pipeline.syncOperations.addHandler(handler) }
             try channel.pipeline.syncOperations.addHandler(
                 NBDConnectionHandler(exports: [export], tracker: tracker, logger: logger))
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 10809)).wait()

@@ -170,31 +170,22 @@ func parseReplies(_ bytes: [UInt8], readLengths: [UInt64: Int] = [:],
 // MARK: state machine actions
 
 extension NBDServerStateMachine.Action {
-    /// The bytes of a handshake reply action (encoded with the Wire/ writers, as the handler does).
+    /// The bytes of a handshake reply action that keeps the connection open (encoded as the handler does).
     var sent: [UInt8]? {
-        var b = ByteBuffer()
         switch self {
-        case .sendGreeting: b.writeNBDGreeting()
-        case .sendOptionReply(let r): b.writeOptionReply(r)
-        case .sendExportList(let r): b.writeExportListReply(r)
-        case .sendExportInfo(let r): b.writeExportInfoReply(r)
-        case .sendMetaContexts(let r): b.writeMetaContextReply(r)
+        case .sendGreeting, .sendOptionReply, .sendExportList, .sendExportInfo, .sendMetaContexts:
+            return handshakeReply?.bytes
         default: return nil
         }
-        return b.bytes
     }
     var sentAndClosed: [UInt8]? {
-        guard case .sendOptionReplyAndClose(let r) = self else { return nil }
-        var b = ByteBuffer()
-        b.writeOptionReply(r)
-        return b.bytes
+        guard case .sendOptionReplyAndClose = self else { return nil }
+        return handshakeReply?.bytes
     }
     var closeReason: String? { if case .close(let r) = self { return r } else { return nil } }
     var transmission: (bytes: [UInt8], session: NBDSession)? {
-        guard case .enterTransmission(let s, let reply) = self else { return nil }
-        var b = ByteBuffer()
-        b.writeTransmissionReply(reply)
-        return (b.bytes, s)
+        guard case .enterTransmission(let s, _) = self, let bytes = handshakeReply?.bytes else { return nil }
+        return (bytes, s)
     }
     var transmissionReply: NBDTransmissionReply? {
         if case .enterTransmission(_, let r) = self { return r } else { return nil }

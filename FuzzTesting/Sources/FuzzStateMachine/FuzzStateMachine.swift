@@ -53,20 +53,14 @@ struct Machine {
     mutating func next(from buffer: inout ByteBuffer) -> Step? {
         guard let action = machine.next(from: &buffer) else { return nil }
         // Replies are encoded as the connection handler encodes them, so their lengths are checked too.
-        var b = ByteBuffer()
+        let bytes = action.handshakeReply?.readableBytes ?? 0
         switch action {
-        case .sendGreeting: return .send(bytes: b.writeNBDGreeting())
-        case .sendOptionReply(let reply): return .send(bytes: b.writeOptionReply(reply))
-        case .sendExportList(let reply): return .send(bytes: b.writeExportListReply(reply))
-        case .sendExportInfo(let reply): return .send(bytes: b.writeExportInfoReply(reply))
-        case .sendMetaContexts(let reply): return .send(bytes: b.writeMetaContextReply(reply))
-        case .sendOptionReplyAndClose: return .end
-        case .close: return .end
-        case .enterTransmission(let session, let reply):
-            return .enterTransmission(bytes: b.writeTransmissionReply(reply), session: session)
+        case .sendGreeting, .sendOptionReply, .sendExportList, .sendExportInfo, .sendMetaContexts:
+            return .send(bytes: bytes)
+        case .enterTransmission(let session, _): return .enterTransmission(bytes: bytes, session: session)
         case .request(let request, let payload): return .request(request, payload: payload?.readableBytes)
         case .reject(let rejection): return .reject(rejection)
-        case .disconnect: return .end
+        case .sendOptionReplyAndClose, .close, .disconnect: return .end
         }
     }
 

@@ -231,37 +231,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
             writer.sendError(rejection.error, cookie: rejection.cookie, message: rejection.message)
         case .disconnect:
             lifecycle.disconnectReceived()
-        case .sendGreeting:
-            var b = ByteBuffer()
-            b.writeNBDGreeting()
-            writer.send(b)
-        case .sendOptionReply(let reply):
-            var b = ByteBuffer()
-            b.writeOptionReply(reply)
-            writer.send(b)
-        case .sendExportList(let reply):
-            var b = ByteBuffer()
-            b.writeExportListReply(reply)
-            writer.send(b)
-        case .sendExportInfo(let reply):
-            var b = ByteBuffer()
-            b.writeExportInfoReply(reply)
-            writer.send(b)
-        case .sendMetaContexts(let reply):
-            var b = ByteBuffer()
-            b.writeMetaContextReply(reply)
-            writer.send(b)
-        case .sendOptionReplyAndClose(let reply):
+        case .sendGreeting, .sendOptionReply, .sendExportList, .sendExportInfo, .sendMetaContexts:
+            if let bytes = action.handshakeReply { writer.send(bytes) }
+        case .sendOptionReplyAndClose:
             lifecycle.closeRequested()
-            var b = ByteBuffer()
-            b.writeOptionReply(reply)
-            writer.sendAndClose(b)
+            if let bytes = action.handshakeReply { writer.sendAndClose(bytes) }
         case .close(let reason):
             logger.info("closing connection: \(reason)")
             lifecycle.closeRequested()
             writer.flushIfNeeded()
             context.close(promise: nil)
-        case .enterTransmission(let session, let reply):
+        case .enterTransmission(let session, _):
             handshakeTimer?.cancel()
             handshakeTimer = nil
             lifecycle.transmissionStarted()
@@ -271,9 +251,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
             }
             logger[metadataKey: "export"] = "\(session.export.name)"
             logger.debug("transmission phase", metadata: ["structured": "\(session.structuredReplies)"])
-            var b = ByteBuffer()
-            b.writeTransmissionReply(reply)
-            writer.send(b)
+            if let bytes = action.handshakeReply { writer.send(bytes) }
         }
     }
 
