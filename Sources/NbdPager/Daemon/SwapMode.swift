@@ -42,27 +42,27 @@ enum SwapMode {
             }.wait()) ?? false
             if flagged { loopsFlagged += 1 }
         }
-        let arrived = ConditionLock(value: 0)
+        let arrived = NIOLockedValueBox(0)
+        // 1 once every I/O thread has arrived
+        let allArrived = ConditionLock(value: 0)
         let poolFlagged = NIOLockedValueBox(0)
         let release = ConditionLock(value: 0)
         for _ in 0 ..< threads {
             pool.submit { _ in
                 SwapSafety.prefaultReserve(bytes: 1 << 20)
                 if SwapSafety.ioFlusherOnThisThread() { poolFlagged.withLockedValue { $0 += 1 } }
-                arrived.lock()
-                arrived.unlock(withValue: arrived.value + 1)
+                if arrived.withLockedValue({ $0 += 1; return $0 }) == threads {
+                    allArrived.lock()
+                    allArrived.unlock(withValue: 1)
+                }
                 // held until every I/O thread has arrived (or the check gave up), so each reports once
                 release.lock(whenValue: 1)
                 release.unlock()
             }
         }
         // Wait (at most 10 s) until every I/O thread has arrived.
-        var poolReported = threads
-        if !arrived.lock(whenValue: threads, timeoutSeconds: 10) {
-            arrived.lock()
-            poolReported = arrived.value
-        }
-        arrived.unlock()
+        if allArrived.lock(whenValue: 1, timeoutSeconds: 10) { allArrived.unlock() }
+        let poolReported = arrived.withLockedValue { $0 }
         release.lock()
         release.unlock(withValue: 1)
         let poolOK = poolFlagged.withLockedValue { $0 }
