@@ -187,6 +187,34 @@ final class LazyBackendTests: LazyTestCase {
         wait(for: [closed], timeout: 10)
     }
 
+    func testDrainWaitsForPullsInFlightUntilTheyAreStored() throws {
+        let (backend, source) = try makeBackend(pages: 8)
+        XCTAssertTrue(backend.engine.drain(timeout: .zero), "nothing in flight")
+        source.hold()
+        let f = try XCTUnwrap(backend.prepare(offset: 2 * 4096, length: 4096, forWrite: false, eventLoop: loop))
+        XCTAssertFalse(backend.engine.drain(timeout: .zero), "a pull is in flight")
+        source.release()
+        try result(f, on: loop)
+        loop.run()
+        XCTAssertTrue(backend.engine.drain(timeout: .zero), "the pull is stored")
+        XCTAssertEqual(backend.store.state(of: 2), .present)
+    }
+
+    func testCloseWithAPullThatNeverArrivesIsBoundedAndClosesTheSource() throws {
+        let bytes = fakeImage(pages: 4)
+        let source = FakeSource(data: bytes)
+        let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
+        let backend = LazyBackend(store: store, source: source, fetchSize: 4096, logger: Logger(label: "test"),
+                                  eventLoop: loop, threadPool: lazyTestPool, closeDrainTimeout: .zero)
+        source.hold()
+        _ = try XCTUnwrap(backend.prepare(offset: 0, length: 4096, forWrite: false, eventLoop: loop))
+        try backend.close()
+        XCTAssertTrue(source.wasClosed)
+        XCTAssertEqual(source.pendingCount, 1, "closed under the read that never came back")
+        source.release()
+        loop.run()
+    }
+
     // MARK: reads answered from the pull
 
     func testPendingReadAnswersFromThePullThenStoresIt() throws {

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from .common import die, log, read_text
+from .common import die, log, read_text, tail
 
 
 class FioError(Exception):
@@ -46,7 +46,8 @@ def read_percentiles(path):
 
 def run(name, sock, args, out, timeout, against, what, parse, server=None):
     """fio --name=NAME --ioengine=nbd --uri=nbd+unix:///?socket=SOCK ARGS --output=OUT within TIMEOUT s;
-    returns parse(OUT). Fatal (with fio's output, after checking SERVER is alive) if fio fails."""
+    returns parse(OUT). Fatal (with fio's output and, after checking SERVER is alive, the end of its
+    log) if fio fails."""
     cmd = ["fio", "--name=" + name, "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + sock] + list(args) + ["--output=" + out]
     err = out[:-len(".json")] + ".err" if out.endswith(".json") else out + ".err"
     with open(err, "wb") as e:
@@ -59,6 +60,8 @@ def run(name, sock, args, out, timeout, against, what, parse, server=None):
         sys.stderr.write(read_text(err) + read_text(out))
         if server is not None:
             server.check_alive()
+            log("last lines of %s's log (%s):" % (against, server.log_path))
+            sys.stderr.write(tail(server.log_path, 30) + "\n")
         die("fio failed against %s (%s)" % (against, what))
     try:
         return parse(out)

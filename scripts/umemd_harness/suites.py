@@ -218,9 +218,9 @@ def _run_lazy(b, lazy_dir):
                 sock = src_delay.sock if srv is None else srv.sock
                 vals = fio.run("miss", sock, fio_args, os.path.join(w, tag + ".json"), fio_timeout, kind,
                                "miss latency, round %d" % rnd, fio.read_percentiles, srv)
-                src_delay.check_alive("the lazy benchmark")
                 if srv is not None:
                     cont.finish(kind, srv, servers_log)
+                src_delay.check_alive("the lazy benchmark (after the %s run of round %d)" % (kind, rnd))
                 miss.setdefault(kind, []).append((rnd,) + vals)
                 log("  miss %s round %d: p50_us/p99_us/ios = %.3f %.3f %d" % ((kind, rnd) + vals))
             # --- 2. cold sequential copy; the order alternates each round ----------------------------
@@ -372,8 +372,8 @@ def _run_prefetch(b, pf_dir, img):
                     if j is None:
                         die("status of %s failed" % kind)
                     st = (j["miss_latency_p50_us"], j["miss_latency_p99_us"], j["demand_misses"], j["progress"])
-                src.check_alive("the lazy benchmark")
                 cont.finish(kind, srv)
+                src.check_alive("the prefetch benchmark (after the %s run of round %d)" % (kind, rnd))
                 miss.setdefault(kind, []).append((rnd,) + vals + st)
                 log("  miss %s round %d: fio p50/p99/ios = %.3f %.3f %d; daemon miss p50/p99/misses/progress = %s"
                     % ((kind, rnd) + vals + (" ".join("-" if v is None else str(v) for v in st),)))
@@ -407,10 +407,11 @@ def _run_prefetch(b, pf_dir, img):
                         die("the scan proxy did not finish within 300 s")
                 got = source_read_bytes(requests, mark)
                 cont.finish(kind, srv)
+                src.check_alive("the prefetch benchmark (after the %s run of round %d)" % (kind, rnd))
                 local.setdefault(kind, []).append((secs, got))
                 log("  time to local %s round %d: %.3fs, source served %d bytes" % (kind, rnd, secs, got))
         b.note_log_errors("source", src)
-        servers.stop(src, "the lazy benchmark")
+        servers.stop(src, "the prefetch benchmark")
 
     extra = [
         ("parameters", "rounds=%d runtime=%ds size=%s (sparse, every other MiB a hole: %d bytes of random data) in "

@@ -37,6 +37,8 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     private let commitTask = NIOLockedValueBox<RepeatedTask?>(nil)
     private let commitRunning = ManagedAtomic<Bool>(false)
     private let closed = ManagedAtomic<Bool>(false)
+    /// How long `close` waits for pulls in flight to be stored before it closes the source anyway.
+    let closeDrainTimeout: Duration
     /// Periodic commits handed to the thread pool so far, and a hook told when each ends (tests).
     let periodicCommits = ManagedAtomic<Int>(0)
     let commitObserver = NIOLockedValueBox<(@Sendable (Result<Void, any Error>) -> Void)?>(nil)
@@ -57,8 +59,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                 mapping: any SourceMapping = IdentityMapping(),
                 maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
                 backgroundSource: (any RemoteSource)? = nil, gated: Bool = false,
-                storeWriter: NIOThreadPool? = nil) {
+                storeWriter: NIOThreadPool? = nil, closeDrainTimeout: Duration = .seconds(2)) {
         self.store = store
+        self.closeDrainTimeout = closeDrainTimeout
         self.mapping = mapping
         self.eventLoop = eventLoop
         self.threadPool = threadPool
@@ -252,9 +255,15 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         // The pull happened in `prepare`; nothing else to do.
     }
 
+    /// Waits (at most `closeDrainTimeout`) for the pulls in flight, so their data is stored and the
+    /// source connections close with nothing in flight; then closes the source and the store. Call it
+    /// after the background pull has stopped and the clients are gone; it blocks.
     public func close() throws {
         closed.store(true, ordering: .relaxed)
         commitTask.withLockedValue { $0?.cancel(); $0 = nil }
+        if !engine.drain(timeout: closeDrainTimeout) {
+            logger.notice("closing with \(engine.pullsInFlight.load(ordering: .relaxed)) pulls still in flight after \(closeDrainTimeout)")
+        }
         engine.source.close()
         engine.backgroundSource?.close()
         // Waits for a store write in progress, so none runs after the store is closed.

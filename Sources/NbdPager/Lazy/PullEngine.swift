@@ -56,6 +56,8 @@ final class PullEngine: @unchecked Sendable {
     // Counters for status.
     let bytesPulled = ManagedAtomic<UInt64>(0)
     let pullsInFlight = ManagedAtomic<Int>(0)
+    /// Broadcast when `pullsInFlight` drops to zero (`drain`).
+    private let idle = Condition()
     let demandMisses = ManagedAtomic<UInt64>(0)
     let missLatency = LatencyHistogram()
     /// Client requests waiting for pulls right now.
@@ -268,8 +270,26 @@ final class PullEngine: @unchecked Sendable {
                 }
                 return next
             }
-            pullsInFlight.wrappingDecrement(ordering: .relaxed)
+            if pullsInFlight.wrappingDecrementThenLoad(ordering: .relaxed) == 0 {
+                idle.withLock {}  // a drain that saw the count above zero is waiting, not about to
+                idle.broadcast()
+            }
             for p in next { start(p) }
+        }
+    }
+
+    /// Waits until every started pull has been stored (or has failed), at most `timeout`; pulls held
+    /// at a closed gate are not started and do not count. For shutdown, after the background pull
+    /// has stopped issuing: data already on its way is kept, and the source connections then close
+    /// with nothing in flight (some servers fail on a client that closes under in-flight requests).
+    /// Returns whether it drained. Blocks: not for an event loop thread.
+    func drain(timeout: Duration) -> Bool {
+        let deadline = Condition.deadline(after: timeout)
+        return idle.withLock {
+            while pullsInFlight.load(ordering: .relaxed) > 0 {
+                guard idle.wait(until: deadline) else { return false }
+            }
+            return true
         }
     }
 
