@@ -172,7 +172,19 @@ class Contenders:
         return self.servers.start(srv)
 
     def finish(self, kind, srv, keep_log=None):
-        """Stops the contender (fatal if it had died), checks its log, deletes its store."""
+        """Stops the contender (fatal if it had died), checks its log, deletes its store. A daemon
+        with a control socket first pauses its background pull and lets the reads it has sent
+        arrive, so that the shared source never sees a client close under in-flight reads (nbdkit
+        1.32 aborts then); the stop itself is not what the suites measure."""
+        ctl = os.path.join(srv.dir, "ctl")
+        if kind in ("off", "on") and srv.alive():
+            subprocess.run([self.b.umemd, "prefetch", "pause", "--control", ctl],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(500):
+                j = _status(self.b.umemd, ctl)
+                if j is None or j.get("pulls_in_flight", 0) == 0:
+                    break
+                time.sleep(0.02)
         self.servers.stop(srv, "the lazy benchmark")
         self.b.note_log_errors(kind, srv)
         if keep_log:
