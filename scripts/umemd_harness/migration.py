@@ -94,6 +94,18 @@ class Migration:
                 holder["proc"].kill()
             thread.join(5)
         self.warmer = None
+        if self.dst_qemu is not None and self.dst_qemu.alive():
+            self.dst_qemu.proc.terminate()
+            try:
+                self.dst_qemu.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                # QEMU is stuck in a read of its RAM device that the daemon holds (at a closed gate, or
+                # from a source that is gone): the daemon goes first, the read fails, QEMU can exit.
+                say("destination QEMU (pid %d) ignored SIGTERM for 10 s; killing it and the daemon"
+                    % self.dst_qemu.pid)
+                self.dst_qemu.proc.kill()
+                if self.dst_daemon is not None:
+                    self.dst_daemon.kill()
         if self.dst_qemu is not None:
             self.dst_qemu.stop(quiet=True)
         self.dst_qemu = None
@@ -131,10 +143,17 @@ class Migration:
             os.unlink(self.ramfile)
 
     def close(self):
-        self.undo_destination()
-        self.stop_source()
-        self.stop_tailers()
-        self.hosts.close()
+        """Every step runs, even when one before it fails or a signal interrupts it; the first such
+        exception is raised at the end."""
+        first = None
+        for step in (self.undo_destination, self.stop_source, self.stop_tailers, self.hosts.close):
+            try:
+                step()
+            except BaseException as e:   # SystemExit from SIGTERM/SIGINT too: finish cleaning up first
+                say("cleanup step %s failed: %r" % (step.__name__, e))
+                first = first or e
+        if first is not None:
+            raise first
 
     def destination_leftovers(self):
         n = 0
