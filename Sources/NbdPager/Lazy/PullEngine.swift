@@ -270,11 +270,11 @@ final class PullEngine: @unchecked Sendable {
                 }
                 return next
             }
+            for p in next { start(p) }  // first, so the count does not touch zero between them
             if pullsInFlight.wrappingDecrementThenLoad(ordering: .relaxed) == 0 {
                 idle.withLock {}  // a drain that saw the count above zero is waiting, not about to
                 idle.broadcast()
             }
-            for p in next { start(p) }
         }
     }
 
