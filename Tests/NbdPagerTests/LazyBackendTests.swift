@@ -25,13 +25,14 @@ class LazyTestCase: XCTestCase {
 
     func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096,
                      callsOnArrival: Bool = false, gated: Bool = false,
-                     maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight) throws -> (LazyBackend, FakeSource) {
+                     maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
+                     closeDrainTimeout: Duration = .seconds(2)) throws -> (LazyBackend, FakeSource) {
         let bytes = fakeImage(pages: pages, zeroRanges: zeroRanges)
         let source = FakeSource(data: bytes, zeroRanges: zeroRanges, callsOnArrival: callsOnArrival)
         let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
         return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test"),
                             eventLoop: loop, threadPool: lazyTestPool,
-                            maxBytesInFlight: maxBytesInFlight, gated: gated), source)
+                            maxBytesInFlight: maxBytesInFlight, gated: gated, closeDrainTimeout: closeDrainTimeout), source)
     }
 
     func readAll(_ backend: LazyBackend, offset: UInt64, length: Int,
@@ -201,11 +202,7 @@ final class LazyBackendTests: LazyTestCase {
     }
 
     func testCloseWithAPullThatNeverArrivesIsBoundedAndClosesTheSource() throws {
-        let bytes = fakeImage(pages: 4)
-        let source = FakeSource(data: bytes)
-        let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
-        let backend = LazyBackend(store: store, source: source, fetchSize: 4096, logger: Logger(label: "test"),
-                                  eventLoop: loop, threadPool: lazyTestPool, closeDrainTimeout: .zero)
+        let (backend, source) = try makeBackend(pages: 4, closeDrainTimeout: .zero)
         source.hold()
         _ = try XCTUnwrap(backend.prepare(offset: 0, length: 4096, forWrite: false, eventLoop: loop))
         try backend.close()

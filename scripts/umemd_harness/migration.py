@@ -94,20 +94,11 @@ class Migration:
                 holder["proc"].kill()
             thread.join(5)
         self.warmer = None
-        if self.dst_qemu is not None and self.dst_qemu.alive():
-            self.dst_qemu.proc.terminate()
-            try:
-                self.dst_qemu.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                # QEMU is stuck in a read of its RAM device that the daemon holds (at a closed gate, or
-                # from a source that is gone): the daemon goes first, the read fails, QEMU can exit.
-                say("destination QEMU (pid %d) ignored SIGTERM for 10 s; killing it and the daemon"
-                    % self.dst_qemu.pid)
-                self.dst_qemu.proc.kill()
-                if self.dst_daemon is not None:
-                    self.dst_daemon.kill()
         if self.dst_qemu is not None:
-            self.dst_qemu.stop(quiet=True)
+            # A QEMU that ignores SIGTERM is stuck in a read of its RAM device that the daemon holds
+            # (at a closed gate, or from a source that is gone): the daemon is killed too, the read
+            # fails and QEMU can exit.
+            self.dst_qemu.stop(quiet=True, stuck=self.dst_daemon.kill if self.dst_daemon is not None else None)
         self.dst_qemu = None
         if self.device:
             subprocess.run([os.path.join(ROOT, "scripts", "detach"), self.device], stdout=subprocess.DEVNULL,

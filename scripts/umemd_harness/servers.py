@@ -88,8 +88,9 @@ class Server:
         if self.alive():
             self.proc.send_signal(sig)
 
-    def stop(self, timeout=10, quiet=False):
-        """SIGTERM, wait up to TIMEOUT s (then SIGKILL), reap; returns (and keeps) the exit status."""
+    def stop(self, timeout=10, quiet=False, stuck=None):
+        """SIGTERM, wait up to TIMEOUT s (then SIGKILL, and STUCK() if given: for a process blocked
+        on something else, which STUCK stops), reap; returns (and keeps) the exit status."""
         if self.proc is None:
             return self.rc
         if self.proc.poll() is None:
@@ -99,6 +100,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 log("%s (pid %d) ignored SIGTERM for %d s; sending SIGKILL" % (self.name, self.proc.pid, timeout))
                 self.proc.kill()
+                if stuck is not None:
+                    stuck()
                 self.proc.wait()
             rc = self.proc.returncode
             if rc != 0 and not quiet:
