@@ -9,7 +9,7 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve an export over NBD.",
         discussion: """
-        Exactly one of --file or --memory chooses what is served. Listens on TCP 127.0.0.1:10809 unless \
+        Exactly one of --file, --memory or --source chooses what is served. Listens on TCP 127.0.0.1:10809 unless \
         --unix or --port say otherwise. Runs in the foreground; SIGTERM or SIGINT stops accepting \
         connections, finishes in-flight requests and exits 0.
 
@@ -17,6 +17,8 @@ struct Serve: ParsableCommand {
           nbd-umemd serve --file disk.img --unix /run/umemd.sock
           nbd-umemd serve --file /dev/shm/vm-ram --readonly --port 10809 --bind 0.0.0.0
           nbd-umemd serve --memory 2G --unix /run/swap.sock --export-name swap
+          nbd-umemd serve --source nbd://src/ram --store /var/lib/vm1 --swap-size 4200M --swap --gated \
+              --control /run/vm1.ctl --unix /run/vm1.sock          (swap-mode post-copy; see stage --help)
           nbdinfo 'nbd+unix:///?socket=/run/umemd.sock'
         """
     )
@@ -68,6 +70,10 @@ struct Serve: ParsableCommand {
 
     @Flag(name: .long, help: "Hold every pull from the source (demand misses wait, no background pull, no allocation-map query) until `nbd-umemd gate open --control PATH`: for a live-migration destination, whose source RAM keeps changing until the source VM stops. Needs --control.")
     var gated = false
+
+    @Option(name: .long, help: ArgumentHelp("Swap-mode post-copy: serve a swap device of this size (at least the source's size plus one page; give headroom) whose slots are mapped to source pages by `nbd-umemd stage`, instead of a copy of the source. Needs --control.", valueName: "size"),
+            transform: { try SizeParser.parse($0) })
+    var swapSize: UInt64?
 
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
@@ -125,6 +131,12 @@ struct Serve: ParsableCommand {
             throw ValidationError("--max-rate, --hot-list, --record-faults, --progress and --gated only apply to --source")
         }
         if gated && control == nil { throw ValidationError("--gated needs --control PATH (the gate is opened through it)") }
+        if let swapSize {
+            if source == nil { throw ValidationError("--swap-size only applies to --source") }
+            if control == nil { throw ValidationError("--swap-size needs --control PATH (staging runs through it)") }
+            if swapSize % 4096 != 0 { throw ValidationError("--swap-size must be a multiple of 4096 bytes") }
+            if readonly { throw ValidationError("--swap-size and --readonly cannot be used together (a swap device is written)") }
+        }
         if maxRate == 0 { throw ValidationError("--max-rate must be greater than zero") }
         if !(1...16).contains(prefetchConnections) { throw ValidationError("--prefetch-connections must be between 1 and 16") }
         if fetchSize < 4096 || fetchSize > 32 << 20 || fetchSize & (fetchSize - 1) != 0 {
@@ -168,6 +180,7 @@ struct Serve: ParsableCommand {
             lazy.recordFaults = recordFaults
             lazy.gated = gated
             lazy.progress = progress
+            lazy.swapSize = swapSize
             return lazy
         }
         return MemoryExport(size: memory ?? 0)

@@ -34,15 +34,77 @@ public struct GateCommand: ControlCommand {
         public var wasClosed: Bool
         /// The demand pulls that were waiting at the gate.
         public var releasedPulls: Int
+        /// A swap export: source pages that were zero when staging asked but are not now, copied into
+        /// the staged RAM file before the gate opened.
+        public var latePages: UInt64?
 
-        public init(gate: String, wasClosed: Bool, releasedPulls: Int) {
+        public init(gate: String, wasClosed: Bool, releasedPulls: Int, latePages: UInt64? = nil) {
             self.gate = gate
             self.wasClosed = wasClosed
             self.releasedPulls = releasedPulls
+            self.latePages = latePages
         }
 
         enum CodingKeys: String, CodingKey {
-            case gate, wasClosed = "was_closed", releasedPulls = "released_pulls"
+            case gate, wasClosed = "was_closed", releasedPulls = "released_pulls", latePages = "late_pages"
+        }
+    }
+}
+
+/// `staging open|zero-pages|seal`: a swap export's staging (see `SwapSlots`). `open` hands out the
+/// run's key; `zero-pages` lists the source pages that are zero now (they are not staged); `seal` ends
+/// marker decoding for good.
+public struct StagingCommand: ControlCommand {
+    public static let name = "staging"
+    public enum Action: String, Codable, Sendable, CaseIterable {
+        case open, seal
+        case zeroPages = "zero-pages"
+    }
+    public var action: Action
+    /// `open`: the RAM file being staged (late pages are copied into it at gate open).
+    public var ramFile: String?
+
+    public init(action: Action, ramFile: String? = nil) {
+        self.action = action
+        self.ramFile = ramFile
+    }
+
+    enum CodingKeys: String, CodingKey { case action, ramFile = "ram_file" }
+
+    public struct Reply: Codable, Sendable, Equatable {
+        public var staging: String
+        /// `open`: the key markers are authenticated with (32 hex digits).
+        public var key: String?
+        public var sourceSize: UInt64
+        public var pageSize: UInt64
+        public var slots: UInt64
+        /// `zero-pages`: runs of zero source pages, as [first page, page count] pairs.
+        public var zeroPages: [[UInt64]]?
+        public var markersDecoded: UInt64
+        public var mappedSlots: UInt64
+        public var stagedSlots: UInt64
+        public var duplicateMarkers: UInt64
+        public var invalidMarkers: UInt64
+
+        public init(staging: String, key: String? = nil, sourceSize: UInt64, pageSize: UInt64, slots: UInt64,
+                    zeroPages: [[UInt64]]? = nil, counts: SwapSlots.Counts) {
+            self.staging = staging
+            self.key = key
+            self.sourceSize = sourceSize
+            self.pageSize = pageSize
+            self.slots = slots
+            self.zeroPages = zeroPages
+            markersDecoded = counts.markersDecoded
+            mappedSlots = counts.mapped
+            stagedSlots = counts.stagedAtSeal
+            duplicateMarkers = counts.duplicates
+            invalidMarkers = counts.invalidMarkers
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case staging, key, sourceSize = "source_size", pageSize = "page_size", slots
+            case zeroPages = "zero_pages", markersDecoded = "markers_decoded", mappedSlots = "mapped_slots"
+            case stagedSlots = "staged_slots", duplicateMarkers = "duplicate_markers", invalidMarkers = "invalid_markers"
         }
     }
 }

@@ -200,7 +200,7 @@ struct DaemonService: Service {
         let dispatcher = ControlDispatcher(exports: exports, server: server, swap: configuration.swap)
         var controlServer: ControlServer? = nil
         if let path = configuration.controlPath {
-            let c = ControlServer(path: path, group: group, logger: logger) { dispatcher.handle($0) }
+            let c = ControlServer(path: path, group: group, threadPool: runtime.threadPool, logger: logger) { dispatcher.handle($0) }
             do {
                 try c.start()
             } catch {

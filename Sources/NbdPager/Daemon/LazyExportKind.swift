@@ -18,7 +18,8 @@ public struct LazyExport: ExportKind {
     public static let kindName = "lazy"
     public static let commands = ControlHandlers<LazyOpenedExport>()
         .on(PrefetchCommand.self) { export, request in try export.prefetch(request.command.action) }
-        .on(GateCommand.self) { export, _ in export.openGate() }
+        .on(GateCommand.self) { export, _ in try export.openGate() }
+        .on(StagingCommand.self) { export, request in try export.staging(request.command) }
 
     /// The background pull: off, a sweep from the start, or adaptive (a sweep plus a window around
     /// each miss).
@@ -44,8 +45,11 @@ public struct LazyExport: ExportKind {
     public var gated = false
     /// Print a progress line on stderr (also when stderr is a terminal).
     public var progress = false
+    /// Serve a swap device of this many bytes whose slots staging maps to source pages (swap-mode
+    /// post-copy; see `SwapSlots`), instead of a copy of the source.
+    public var swapSize: UInt64?
 
-    public var needsControlSocket: Bool { gated }
+    public var needsControlSocket: Bool { gated || swapSize != nil }
 
     public init(source: String, store: String) {
         self.source = source
@@ -60,14 +64,19 @@ public struct LazyExport: ExportKind {
             try LibnbdSource.connect(uri: uri, connections: connections, logger: logger)
         }
         let pages: PageStore
+        var slots: SwapSlots? = nil
         do {
-            pages = try PageStore.open(directory: store, size: remote.size, identity: uri, reset: resetStore)
+            if let swapSize {
+                (pages, slots) = try openSwapStore(size: swapSize, source: remote)
+            } else {
+                pages = try PageStore.open(directory: store, size: remote.size, identity: uri, reset: resetStore)
+            }
         } catch {
             remote.close()
             throw error
         }
         var background: ReconnectingSource? = nil
-        if prefetch != .off && pages.snapshot().absent > 0 {
+        if prefetch != .off && (pages.snapshot().absent > 0 || slots != nil) {
             let n = prefetchConnections
             do {
                 background = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), threadPool: pool, logger: logger) {
@@ -81,7 +90,16 @@ public struct LazyExport: ExportKind {
         }
         let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger,
                                eventLoop: context.runtime.eventLoopGroup.next(), threadPool: pool,
-                               backgroundSource: background, gated: gated)
+                               mapping: slots ?? IdentityMapping(), backgroundSource: background, gated: gated,
+                               completionArmed: slots.map { $0.stagingState == .sealed } ?? true)
+        if let slots {
+            do {
+                try Self.settleSwapStore(lazy, slots: slots, logger: logger)
+            } catch {
+                try? lazy.close()
+                throw error
+            }
+        }
         let snap = pages.snapshot()
         logger.info("store \(store): \(snap.present) present, \(snap.local) local, \(snap.absent) absent pages")
         if gated {
@@ -89,13 +107,16 @@ public struct LazyExport: ExportKind {
         } else {
             await LazyOpenedExport.markSourceZeros(lazy, logger: logger)
         }
-        return LazyOpenedExport(lazy: lazy, settings: self, logger: logger)
+        return LazyOpenedExport(lazy: lazy, slots: slots, settings: self, logger: logger)
     }
 }
 
 /// An open lazy export and its background work.
 public final class LazyOpenedExport: OpenedExport {
     let lazy: LazyBackend
+    /// A swap export's slot table (nil: a plain lazy copy).
+    let slots: SwapSlots?
+    let swapBackend: SwapSlotsBackend?
     let settings: LazyExport
     let logger: Logger
     private let state = NIOLockedValueBox(State())
@@ -103,16 +124,33 @@ public final class LazyOpenedExport: OpenedExport {
     struct State {
         var prefetcher: Prefetcher?
         var progressLine: RepeatedTask?
+        var latePages: UInt64 = 0
     }
 
-    init(lazy: LazyBackend, settings: LazyExport, logger: Logger) {
+    init(lazy: LazyBackend, slots: SwapSlots?, settings: LazyExport, logger: Logger) {
         self.lazy = lazy
+        self.slots = slots
+        self.swapBackend = slots.map { SwapSlotsBackend(lazy: lazy, slots: $0) }
         self.settings = settings
         self.logger = logger
     }
 
-    public var backend: any BlockBackend { lazy }
-    public var defaultDescription: String { "lazy copy of \(settings.source)" }
+    public var backend: any BlockBackend { swapBackend ?? lazy }
+    public var defaultDescription: String {
+        slots == nil ? "lazy copy of \(settings.source)" : "swap slots staged from \(settings.source)"
+    }
+
+    /// Whether the background pull may run: the gate is open and (swap export) staging is sealed.
+    var backgroundMayRun: Bool { !lazy.isGated && (slots == nil || slots?.stagingState == .sealed) }
+
+    func startBackground() {
+        if backgroundMayRun { prefetcher?.start() }
+    }
+
+    var latePages: UInt64 {
+        get { state.withLockedValue { $0.latePages } }
+        set { state.withLockedValue { $0.latePages = newValue } }
+    }
     private var prefetcher: Prefetcher? { state.withLockedValue { $0.prefetcher } }
 
     /// Marks the pages the source reports as zero present without transfer; a source that cannot
@@ -141,7 +179,7 @@ public final class LazyOpenedExport: OpenedExport {
     }
 
     public func start(_ runtime: ExportRuntime) {
-        if !settings.gated { prefetcher?.start() }
+        startBackground()
         // The page state is committed at least once a second (FLUSH/FUA commit at once).
         lazy.startPeriodicCommit(every: .seconds(1))
         let line = startProgressLine(on: runtime.eventLoopGroup.next())
@@ -192,7 +230,10 @@ public final class LazyOpenedExport: OpenedExport {
             ("complete", .bool(s.complete)),
             ("gate", .string(s.gated ? "closed" : "open")),
             ("pulls_at_gate", .int(Int64(s.pullsAtGate))),
+            ("writes", .unsigned(s.writes)),
+            ("bytes_written", .unsigned(s.bytesWritten)),
         ]
+        fields += swapStatusFields()
         if let p = prefetcher?.status() {
             fields += [
                 ("prefetch", .string(p.mode.rawValue)),
@@ -228,16 +269,18 @@ public final class LazyOpenedExport: OpenedExport {
     }
 
     /// Lets pulls reach the source, starts the background pull, then (in the background) marks the
-    /// source's zero extents. Idempotent.
-    func openGate() -> GateCommand.Reply {
+    /// source's zero extents. Idempotent. A swap export first copies its late pages (`LatePages`).
+    func openGate() throws -> GateCommand.Reply {
         let wasGated = lazy.isGated
+        var late: UInt64? = nil
+        if wasGated, slots != nil { late = try copyLatePages() }
         let released = lazy.openGate()
         if wasGated {
             logger.info("gate opened: \(released) waiting pulls sent to the source")
-            prefetcher?.start()
+            startBackground()
             let lazy = self.lazy, logger = self.logger
             Task { await Self.markSourceZeros(lazy, logger: logger) }
         }
-        return .init(gate: "open", wasClosed: wasGated, releasedPulls: released)
+        return .init(gate: "open", wasClosed: wasGated, releasedPulls: released, latePages: late ?? (slots == nil ? nil : latePages))
     }
 }

@@ -15,6 +15,9 @@ extension LazyBackend {
         /// Whether pulls are held back until `openGate()`, and how many pulls wait at the gate.
         public var gated: Bool
         public var pullsAtGate: Int
+        /// Client WRITE requests served since start, and their bytes.
+        public var writes: UInt64
+        public var bytesWritten: UInt64
     }
 
     public func status() -> Status {
@@ -27,7 +30,9 @@ extension LazyBackend {
             missLatencyP50Microseconds: engine.missLatency.percentileMicroseconds(0.5),
             missLatencyP99Microseconds: engine.missLatency.percentileMicroseconds(0.99),
             sourceConnected: engine.source.isConnected,
-            complete: pages.isComplete, gated: engine.isGated, pullsAtGate: engine.pullsAtGate)
+            complete: lazyStore.completionArmed.load(ordering: .relaxed) && pages.isComplete,
+            gated: engine.isGated, pullsAtGate: engine.pullsAtGate,
+            writes: writes.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed))
     }
 
     public func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent] {

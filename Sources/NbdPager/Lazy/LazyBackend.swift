@@ -41,6 +41,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
     let closeDrainTimeout: Duration
     /// Periodic commits handed to the thread pool so far, and a hook told when each ends (tests).
     let periodicCommits = ManagedAtomic<Int>(0)
+    /// Client WRITE requests served, and their bytes.
+    let writes = ManagedAtomic<UInt64>(0)
+    let bytesWritten = ManagedAtomic<UInt64>(0)
     let commitObserver = NIOLockedValueBox<(@Sendable (Result<Void, any Error>) -> Void)?>(nil)
 
     /// Default bound on the data of started demand pulls not yet in the store (memory stays bounded).
@@ -59,7 +62,8 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
                 mapping: any SourceMapping = IdentityMapping(),
                 maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
                 backgroundSource: (any RemoteSource)? = nil, gated: Bool = false,
-                storeWriter: NIOThreadPool? = nil, closeDrainTimeout: Duration = .seconds(2)) {
+                storeWriter: NIOThreadPool? = nil, closeDrainTimeout: Duration = .seconds(2),
+                completionArmed: Bool = true) {
         self.store = store
         self.closeDrainTimeout = closeDrainTimeout
         self.mapping = mapping
@@ -75,7 +79,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
             self.ownsStoreWriter = true
         }
         let completion = Completion()
-        self.lazyStore = LazyStore(store: store) { completion.fire() }
+        self.lazyStore = LazyStore(store: store, completionArmed: completionArmed) { completion.fire() }
         self.engine = PullEngine(store: lazyStore, mapping: mapping, source: source, backgroundSource: backgroundSource,
                                  fetchSize: fetchSize, maxBytesInFlight: maxBytesInFlight, gated: gated,
                                  storeWriter: self.storeWriter)
@@ -135,6 +139,21 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         return edges
     }
 
+    /// Arms "every page local" (see `LazyStore.completionArmed`) and reports it at once if it holds.
+    public func armCompletion() {
+        lazyStore.completionArmed.store(true, ordering: .relaxed)
+        lazyStore.noteChange()
+    }
+
+    /// Whether every page is local (and completion is armed).
+    public var isComplete: Bool { lazyStore.isComplete }
+
+    /// Makes the mapping, then every data write and page state made so far, durable.
+    func commit() throws {
+        try mapping.commit()
+        try store.commit()
+    }
+
     // MARK: gate
 
     /// Whether pulls are held back (see `openGate`).
@@ -178,7 +197,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         threadPool.submit { [self] state in
             defer { commitRunning.store(false, ordering: .relaxed) }
             guard state == .active, !closed.load(ordering: .relaxed) else { return }
-            let result = Result { try store.commit() }
+            let result = Result { try commit() }
             // A store closed meanwhile (shutdown) committed on closing: nothing to report.
             if case .failure(let error) = result, !closed.load(ordering: .relaxed) {
                 logger.error("committing the page store: \(error)")
@@ -230,13 +249,15 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         try modify(offset: offset, length: UInt64(buffer.count)) {
             try store.writeData(from: buffer, offset: offset)
         }
-        if fua { try store.commit() }
+        if fua { try commit() }
+        writes.wrappingIncrement(ordering: .relaxed)
+        bytesWritten.wrappingIncrement(by: UInt64(buffer.count), ordering: .relaxed)
         lazyStore.noteChange()
         return buffer.count
     }
 
     public func flush() throws {
-        try store.commit()
+        try commit()
     }
 
     public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
@@ -247,7 +268,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         try modify(offset: offset, length: length) {
             try store.punchHole(offset: offset, length: length)
         }
-        if fua { try store.commit() }
+        if fua { try commit() }
         lazyStore.noteChange()
     }
 
@@ -268,6 +289,9 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         engine.backgroundSource?.close()
         // Waits for a store write in progress, so none runs after the store is closed.
         if ownsStoreWriter { try? storeWriter.syncShutdownGracefully() }
+        var mappingError: (any Error)?
+        do { try mapping.commit() } catch { mappingError = error }
         try store.close()
+        if let mappingError { throw mappingError }
     }
 }

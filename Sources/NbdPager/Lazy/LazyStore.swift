@@ -27,11 +27,16 @@ final class LazyStore: PullStore, @unchecked Sendable {
     let store: PageStore
     let exclusion: WriteExclusion
     private let completed = ManagedAtomic<Bool>(false)
+    /// Whether "every page local" counts yet (a swap export's slots are all local until staging
+    /// makes some absent: its completion is armed when staging is sealed).
+    let completionArmed: ManagedAtomic<Bool>
     /// Called once, on the thread that made the last page local.
     private let completion: @Sendable () -> Void
 
-    init(store: PageStore, exclusion: WriteExclusion = WriteExclusion(), whenComplete: @escaping @Sendable () -> Void) {
+    init(store: PageStore, exclusion: WriteExclusion = WriteExclusion(), completionArmed: Bool = true,
+         whenComplete: @escaping @Sendable () -> Void) {
         self.store = store
+        self.completionArmed = ManagedAtomic(completionArmed)
         self.exclusion = exclusion
         self.completion = whenComplete
     }
@@ -104,9 +109,21 @@ final class LazyStore: PullStore, @unchecked Sendable {
         store.markLocal(pages)
     }
 
-    /// Runs the completion callback the first time every page is present or local.
+    /// Runs a staging change of `pages` (a marker mapped a slot to a source page) with no store of
+    /// pulled data or client write in them, then moves them back to absent.
+    func restage(_ pages: Range<UInt64>, _ body: () throws -> Void) throws {
+        try exclusion.beginWrite(pages)
+        defer { exclusion.endWrite(pages) }
+        try body()
+        store.markAbsent(pages)
+    }
+
+    /// Whether every page is present or local, counting only once completion is armed.
+    var isComplete: Bool { completionArmed.load(ordering: .relaxed) && store.isComplete }
+
+    /// Runs the completion callback the first time every page is present or local (once armed).
     func noteChange() {
-        guard store.isComplete, completed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged
+        guard isComplete, completed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged
         else { return }
         completion()
     }

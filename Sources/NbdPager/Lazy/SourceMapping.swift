@@ -18,6 +18,14 @@ public protocol SourceMapping: Sendable {
 
     /// The source byte range the zero-map import asks about (the part of the source any page maps to).
     func sourceSpan(geometry: PageGeometry, sourceSize: UInt64) -> Range<UInt64>
+
+    /// Makes the mapping durable: called before every commit of the page state (a mapping that
+    /// changes must be on disk before the states that depend on it).
+    func commit() throws
+}
+
+extension SourceMapping {
+    public func commit() throws {}
 }
 
 /// A run of export pages and where their bytes start in the source (nil: unmapped, nothing to pull).

@@ -248,6 +248,35 @@ public struct PageStateMap: Sendable, Equatable {
         return fromAbsent + fromPresent
     }
 
+    /// Moves `pages` (clamped) back to absent, whatever their state: the one backward transition, for
+    /// a swap export's staging only (a slot re-staged with a marker stands for a source page again).
+    /// Returns how many pages changed.
+    @discardableResult
+    public mutating func reset(_ pages: Range<UInt64>) -> UInt64 {
+        let range = clamp(pages)
+        guard !range.isEmpty else { return 0 }
+        var fromPresent: UInt64 = 0
+        var fromLocal: UInt64 = 0
+        words.withUnsafeMutableBufferPointer { words in
+            Self.forEachWord(in: range) { w, inRange in
+                let word = words[w]
+                let present = Self.matching(word, .present) & inRange
+                let local = Self.matching(word, .local) & inRange
+                let moving = present | local
+                if moving != 0 {
+                    words[w] = word & ~(moving | (moving << 1))
+                    fromPresent += UInt64(present.nonzeroBitCount)
+                    fromLocal += UInt64(local.nonzeroBitCount)
+                }
+                return true
+            }
+        }
+        counts.present -= fromPresent
+        counts.local -= fromLocal
+        counts.absent += fromPresent + fromLocal
+        return fromPresent + fromLocal
+    }
+
     // MARK: encoding
 
     /// Bytes in the encoded map of `pageCount` pages.

@@ -185,6 +185,16 @@ public final class PageStore: @unchecked Sendable {
         }
     }
 
+    /// Moves `pages` back to absent (`PageStateMap.reset`): staging of a swap export only.
+    @discardableResult
+    public func markAbsent(_ pages: Range<UInt64>) -> UInt64 {
+        mapLock.withLock {
+            let changed = map.reset(pages)
+            if changed > 0 { mapDirty = true }
+            return changed
+        }
+    }
+
     public func state(of page: UInt64) -> PageState {
         mapLock.withLock { map.state(of: page) }
     }
