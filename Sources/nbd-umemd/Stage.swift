@@ -22,7 +22,7 @@ struct Stage: ParsableCommand {
         Prints one line per phase on stderr and `STAGED {json}` on stdout. On failure RAMFILE is removed.
 
         Example:
-          nbd-umemd stage --ram /dev/shm/vm1.ram --control /run/vm1.ctl
+          nbd-umemd stage --ram /dev/shm/vm1.ram --control /run/vm1.ctl --device /dev/nbd0
         """
     )
 
@@ -31,12 +31,16 @@ struct Stage: ParsableCommand {
 
     @OptionGroup var socket: ControlSocket
 
+    @Option(name: .long, help: ArgumentHelp("The swap export's block device; it must be the active swap area with the highest priority (without it, exactly one swap area may be active).", valueName: "path"))
+    var device: String?
+
     @Option(name: .long, help: ArgumentHelp("Give up when writeback and decoding take longer than this.", valueName: "seconds"))
     var timeout: Double = 120
 
     func run() throws {
         var stager = Stager(ramFile: ram, control: socket.control, export: socket.export)
         stager.timeout = timeout
+        stager.device = device
         stager.say = { line in
             let bytes = Array("stage: \(line)\n".utf8)
             _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }

@@ -35,7 +35,7 @@ extension LazyExport {
     /// sealing (local) maps to nothing; a slot no marker maps is zero (a present hole), never pulled.
     static func settleSwapStore(_ lazy: LazyBackend, slots: SwapSlots, logger: Logger) throws {
         let store = lazy.store
-        slots.dropMappings { store.state(of: $0) == .local }
+        for run in store.runs(of: .local, in: 0 ..< store.pageCount) { slots.unmap(run) }
         var unmapped: [Range<UInt64>] = []
         for run in store.runs(of: .absent, in: 0 ..< store.pageCount) {
             var start: UInt64? = nil

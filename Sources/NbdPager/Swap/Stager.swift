@@ -24,6 +24,8 @@ public struct Stager {
     public var ramFile: String
     public var control: String
     public var export: String?
+    /// The swap export's block device: it must be the active swap area with the highest priority.
+    public var device: String?
     /// Where progress lines go.
     public var say: (String) -> Void = { _ in }
     /// Limit for writeback and decoding to finish.
@@ -72,9 +74,7 @@ public struct Stager {
         }
 
         try Self.refuseZswap()
-        let swaps = Self.activeSwaps()
-        guard !swaps.isEmpty else { throw Failure("no swap device is active: attach the swap export and swapon it first") }
-        if swaps.count > 1 { say("warning: \(swaps.count) swap areas are active (\(swaps.joined(separator: ", "))); pages pushed to another one are not staged") }
+        try Self.checkSwapAreas(device: device)
 
         // 1. staging open, zero pages
         let opened = try send(StagingCommand(action: .open, ramFile: ramFile))
@@ -127,11 +127,16 @@ public struct Stager {
         // 3. writeback, swap cache drained, cgroup removed
         let deadline = Self.now() + timeout
         var decoded: UInt64 = 0
+        var lastProgress = (count: UInt64(0), at: Self.now())
         while true {
             decoded = try markersDecoded()
-            if decoded >= report.staged && Self.writebackKB() == 0 { break }
-            guard Self.now() < deadline else {
-                throw Failure("after \(Int(timeout)) s the daemon has decoded \(decoded) of \(report.staged) markers (writeback \(Self.writebackKB()) kB): is the swap export the only active swap area, with the highest priority?")
+            let writeback = Self.writebackKB()
+            if decoded >= report.staged && writeback == 0 { break }
+            let t = Self.now()
+            if decoded != lastProgress.count || writeback != 0 { lastProgress = (decoded, t) }
+            // Nothing in writeback and no marker arriving for 3 s: the pages went somewhere else.
+            guard t < deadline, t - lastProgress.at < 3 else {
+                throw Failure("the daemon has decoded \(decoded) of \(report.staged) markers and nothing more is being written (writeback \(writeback) kB): pages went to another swap area, or to zswap")
             }
             usleep(2000)
         }
@@ -201,10 +206,35 @@ public struct Stager {
         }
     }
 
-    /// Active swap areas (/proc/swaps).
-    static func activeSwaps() -> [String] {
+    /// Active swap areas (/proc/swaps): path and priority.
+    static func activeSwaps() -> [(path: String, priority: Int)] {
         guard let text = try? String(contentsOfFile: "/proc/swaps", encoding: .utf8) else { return [] }
-        return text.split(separator: "\n").dropFirst().compactMap { $0.split(separator: " ").first.map(String.init) }
+        return text.split(separator: "\n").dropFirst().compactMap { line in
+            let f = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard f.count >= 5, let prio = Int(f[4]) else { return nil }
+            return (String(f[0]), prio)
+        }
+    }
+
+    /// The kernel sends swap-outs to the area with the highest priority: the swap export's device
+    /// must be that one, alone, or markers land elsewhere and staging cannot succeed.
+    static func checkSwapAreas(device: String?) throws {
+        let swaps = activeSwaps()
+        guard !swaps.isEmpty else { throw Failure("no swap area is active: attach the swap export, mkswap and swapon it first") }
+        guard let device else {
+            guard swaps.count == 1 else {
+                throw Failure("\(swaps.count) swap areas are active (\(swaps.map(\.path).joined(separator: ", "))): give --device with the swap export's device (it must have the highest priority)")
+            }
+            return
+        }
+        let real = realpath(device, nil).map { p in defer { free(p) }; return String(cString: p) } ?? device
+        guard let mine = swaps.first(where: { $0.path == real || $0.path == device }) else {
+            throw Failure("\(device) is not an active swap area (swapon it first)")
+        }
+        let rivals = swaps.filter { $0.path != mine.path && $0.priority >= mine.priority }
+        guard rivals.isEmpty else {
+            throw Failure("\(rivals.map { "\($0.path) (priority \($0.priority))" }.joined(separator: ", ")) would take swap-outs too: \(mine.path) (priority \(mine.priority)) must have the highest priority (swapon -p 32767)")
+        }
     }
 
     static func writebackKB() -> Int {

@@ -140,7 +140,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
     public var stagedRAMFile: String? { lock.withLock { ramFile } }
 
     /// Decodes one 4 KiB slot of a WRITE while staging is open; nil when staging is not open.
-    func decode(_ slot: UnsafeRawBufferPointer) -> StagingMarker.Decoded? {
+    public func decode(_ slot: UnsafeRawBufferPointer) -> StagingMarker.Decoded? {
         guard let key = openKey else { return nil }
         let d = StagingMarker.decode(slot, key: key)
         if case .marker(let page) = d, page >= sourcePages {
@@ -152,7 +152,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
     }
 
     /// Records `slot → page` (staging only).
-    func map(slot: UInt64, toPage page: UInt64) {
+    public func map(slot: UInt64, toPage page: UInt64) {
         lock.withLock {
             guard slot < slotCount, page < sourcePages else { return }
             unmapLocked(slot)
@@ -169,7 +169,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
     }
 
     /// Drops the mappings of `slots` (they now hold data, or nothing).
-    func unmap(_ slots: Range<UInt64>) {
+    public func unmap(_ slots: Range<UInt64>) {
         lock.withLock {
             let range = slots.clamped(to: 0 ..< slotCount)
             for slot in range { unmapLocked(slot) }
@@ -378,16 +378,4 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
         if staging == .sealed { recordStagedSetLocked() }
     }
 
-    /// Drops the mappings of slots the page state says hold data (after a restart, the file may still
-    /// list slots the kernel overwrote after sealing).
-    func dropMappings(where isLocal: (UInt64) -> Bool) {
-        lock.withLock {
-            for slot in 0 ..< slotCount where slotToPage[Int(slot)] != 0 && isLocal(slot) {
-                let e = slotToPage[Int(slot)]
-                slotToPage[Int(slot)] = 0
-                mapped -= 1
-                if pageToSlot[Int(e) - 1] == UInt32(slot + 1) { pageToSlot[Int(e) - 1] = 0 }
-            }
-        }
-    }
 }
