@@ -35,7 +35,7 @@ grep -q "^$dev " /proc/swaps || fail "$dev is not in /proc/swaps after swap-on"
 assert_eq "second swap-on" "$dev" "$("$ROOT/scripts/swap-on" --unix "$(sock swapd)" --priority 32000)"
 
 wchar0=$(awk '/^wchar:/ { print $2 }' "/proc/$pid/io")
-cg=$(w_cgroup swap $((64 << 20)))
+w_cgroup cg swap $((64 << 20))
 w_in_cgroup "$cg" "$NBD_MMAP" anon --size 256M --passes 2 >"$T/work.out" 2>&1 &
 work=$!
 peak=0
@@ -62,7 +62,7 @@ grep -q "^$dev " /proc/swaps && fail "$dev still in /proc/swaps after swap-off"
 
 # a --swap daemon started inside a limited memory cgroup warns about it; one outside did not
 grep -q 'inside memory cgroup' "$T/swapd.log" && fail "the daemon outside any limited cgroup warned about one"
-cg2=$(w_cgroup daemon $((512 << 20)))
+w_cgroup cg2 daemon $((512 << 20))
 w_in_cgroup "$cg2" "$NBD_UMEMD" serve --memory 16M --swap --unix "$T/caged.sock" --pidfile "$T/caged.pid" 2>"$T/caged.log" &
 caged=$!
 wait_for_file "$T/caged.pid" 20 || fail "the daemon in a cgroup did not start: $(cat "$T/caged.log")"

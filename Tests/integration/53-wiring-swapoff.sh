@@ -24,7 +24,7 @@ grep -q "in use as swap" <<<"$out" || fail "qemu-ram refused with: $out"
 fuse_pid=$FUSE_PID fuse_dir=$FUSE_DIR
 say "swap on $dev (nbdfuse pid $fuse_pid)"
 
-cg=$(w_cgroup hold $((64 << 20)))
+w_cgroup cg hold $((64 << 20))
 w_in_cgroup "$cg" "$NBD_MMAP" anon --size 256M --wait-file "$T/go" >"$T/work.out" 2>&1 &
 work=$!
 for ((i = 0; i < 600; i++)); do

@@ -11,15 +11,17 @@ export NBD_UMEMD_STATE_DIR="$T/state"
 # daemon is gone would take the swapped pages of every process with it)
 PRE_STOP_CMDS+=("'$ROOT/scripts/swap-off' --all; '$ROOT/scripts/detach' --all")
 
-# w_cgroup NAME LIMIT: a cgroup-v1 memory cgroup limited to LIMIT bytes; prints its directory.
-# The EXIT trap moves its processes out and removes it.
+# w_cgroup VAR NAME LIMIT: a cgroup-v1 memory cgroup limited to LIMIT bytes; its directory goes into
+# the variable VAR (not printed: a command substitution would run this in a subshell, and the
+# cleanup it registers would be lost). The EXIT trap kills its processes and removes it.
 w_cgroup() {
-    local dir="/sys/fs/cgroup/memory/nbd-umemd-it-$1-$$"
+    local -n _w_out=$1
+    local dir="/sys/fs/cgroup/memory/nbd-umemd-it-$2-$$"
     [ -d /sys/fs/cgroup/memory ] || fail "no cgroup-v1 memory controller at /sys/fs/cgroup/memory"
     mkdir "$dir" || fail "cannot create memory cgroup $dir"
-    echo "$2" >"$dir/memory.limit_in_bytes" || fail "cannot limit $dir to $2"
     CLEANUP_CMDS+=("for p in \$(cat '$dir/cgroup.procs'); do kill -9 \$p; done; sleep 0.2; rmdir '$dir'")
-    echo "$dir"
+    echo "$3" >"$dir/memory.limit_in_bytes" || fail "cannot limit $dir to $3"
+    _w_out=$dir
 }
 
 # w_in_cgroup DIR CMD...: runs CMD inside memory cgroup DIR.
