@@ -242,6 +242,35 @@ migration() {
     [ -s "$T/$name.json" ] || fail "$name: no REPORT line"
 }
 
+# undo_swap_run NAME: what `migrate_vm NAME --mode swap` may have left if it was killed before its
+# own cleanup ran (scripts/migrate-vm turns swap off on every exit path it gets to run): its
+# destination QEMU stopped, its staged RAM file removed (so that swapoff need not read those pages
+# back), swap on its devices off, the devices detached, its destination daemon stopped. Register it
+# with PRE_STOP_CMDS+=("undo_swap_run NAME").
+undo_swap_run() {
+    local dir="$T/$1" f dev pid devs=() DST_RAM=""
+    for f in "$dir"/state/attached/*; do
+        [ -f "$f" ] && devs+=("$(. "$f" && echo "$DEVICE")")
+    done
+    for pid in $(pgrep -f "$dir/dst.qmp"); do stop_pid "$pid"; done
+    if [ ${#devs[@]} -gt 0 ]; then
+        # shellcheck disable=SC1091
+        [ -f "$dir/run.env" ] && . "$dir/run.env"
+        [ -z "$DST_RAM" ] || rm -f "$DST_RAM"
+        for dev in "${devs[@]}"; do
+            if awk 'NR > 1 { print $1 }' /proc/swaps | grep -qxF "$dev"; then
+                printf '[%s] cleanup: swap still on %s (run %s): swapoff\n' "$TEST_NAME" "$dev" "$1" >&2
+                swapoff "$dev" || true
+            fi
+            NBD_UMEMD_STATE_DIR="$dir/state" "$ROOT/scripts/detach" "$dev" || true
+        done
+    fi
+    pid=$(cat "$dir/dst.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/dst.sock"; then
+        stop_pid "$pid"
+    fi
+}
+
 # free_port: a currently unused TCP port on 127.0.0.1.
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 

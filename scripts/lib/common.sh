@@ -105,12 +105,22 @@ start_nbdkit() {
     echo "$pid"
 }
 
+# pid_running PID: the process exists and has not exited. An exited process its parent has not
+# reaped yet (a zombie) counts as gone: kill -0 still succeeds on it, and an orphan (nbdfuse after
+# attach has exited) waits for PID 1 to reap it, which takes seconds on some machines.
+pid_running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ -n "$stat" ] && [ "${stat%% *}" != Z ]
+}
+
 # stop_pid PID: stops a process that is not a child of this shell (it cannot be reaped here):
 # SIGTERM, then poll until it is gone (SIGKILL after 10 s).
 stop_pid() {
     local pid=$1 i=0
     kill "$pid" 2>/dev/null || return 0
-    while kill -0 "$pid" 2>/dev/null; do
+    while pid_running "$pid"; do
         sleep 0.05
         i=$((i + 1))
         if [ $i -gt 200 ]; then kill -9 "$pid" 2>/dev/null; break; fi

@@ -3,12 +3,17 @@
 scripts/umemd_harness/vm.py for scripts/migrate-vm; also a command line:
 
     qmp.py migrate SRC.qmp DST.qmp URI [--gate-socket CTL] [--caps CAP,...] [--params JSON] [--postcopy]
+                   [--pause-before-switchover]
         Sets the capabilities (and migration parameters) on both sides, starts `migrate URI` on the
         source (then at once `migrate-start-postcopy` with --postcopy), opens the destination
         daemon's pull gate (`gate open` on its control socket CTL) the moment the source reports STOP,
         waits for the migration
         to complete, and prints a JSON report with the timings (ms from `migrate`: source STOP,
         destination RESUME, completion) and QEMU's own figures (total-time, downtime, bytes).
+        --pause-before-switchover sets that capability on the source: after STOP the source waits
+        in the `pre-switchover` state until the gate-open reply is in, then `migrate-continue`
+        lets it hand over (the destination cannot run before the gate has opened; QEMU's downtime
+        includes the gate-open step).
     qmp.py cmd SOCK COMMAND [JSON-ARGS]    one command, its return value printed as JSON
 """
 import json
@@ -107,14 +112,45 @@ def control(path, request):
     return json.loads(reply.decode("utf-8", "replace"))
 
 
-def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",), postcopy=False, params=None):
+def open_gate(gate_socket):
+    """`gate open` on an nbd-umemd control socket; the reply (RuntimeError if it failed)."""
+    # written straight to the control socket: no process to start while the source completes
+    try:
+        reply = control(gate_socket, {"command": "gate", "action": "open"})
+        if reply.get("ok") is not True and "unknown command" in str(reply.get("error", "")):
+            # a build from before the JSON requests (benchmarks compare against older builds):
+            # its command is the line "gate open", its reply has no "ok", only "error" on failure
+            reply = control(gate_socket, "gate open")
+            reply.setdefault("ok", "error" not in reply)
+    except (OSError, ValueError) as e:
+        raise RuntimeError("gate open on %s failed: %s" % (gate_socket, e))
+    if reply.get("ok") is not True:
+        raise RuntimeError("gate open failed: %s" % reply.get("error", reply))
+    return reply
+
+
+def _cancel(src):
+    """migrate_cancel on the source (a source paused in pre-switchover resumes its VM then)."""
+    try:
+        src.cmd("migrate_cancel")
+    except (RuntimeError, OSError):
+        pass
+
+
+def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",), postcopy=False, params=None,
+            pause_before_switchover=False):
     src, dst = QMP(src_path), QMP(dst_path)
     for q in (src, dst):
         q.cmd("migrate-set-capabilities",
               capabilities=[{"capability": c, "state": True} for c in caps if c])
         if params:
             q.cmd("migrate-set-parameters", **params)
-    report = {"uri": uri, "capabilities": [c for c in caps if c], "parameters": params or {}}
+    if pause_before_switchover:
+        # a source-side capability: the source stops the VM, then waits for migrate-continue
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
+    report = {"uri": uri, "capabilities": [c for c in caps if c] + (["pause-before-switchover"] if pause_before_switchover
+                                                                     else []),
+              "parameters": params or {}}
     t0 = time.time()
     report["migrate_started_at"] = t0
     src.cmd("migrate", uri=uri)
@@ -123,19 +159,34 @@ def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",)
     stop = src.wait_event(["STOP"], 1800)
     report["source_stop_ms"] = round((stop["host_time"] - t0) * 1000, 1)
     if gate_socket:
-        # written straight to the control socket: no process to start while the source completes
         try:
-            reply = control(gate_socket, {"command": "gate", "action": "open"})
-            if reply.get("ok") is not True and "unknown command" in str(reply.get("error", "")):
-                # a build from before the JSON requests (benchmarks compare against older builds):
-                # its command is the line "gate open", its reply has no "ok", only "error" on failure
-                reply = control(gate_socket, "gate open")
-                reply.setdefault("ok", "error" not in reply)
-        except (OSError, ValueError) as e:
-            raise RuntimeError("gate open on %s failed: %s" % (gate_socket, e))
+            reply = open_gate(gate_socket)
+        except RuntimeError:
+            if pause_before_switchover:
+                _cancel(src)
+            raise
         report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
-        if reply.get("ok") is not True:
-            raise RuntimeError("gate open failed: %s" % reply.get("error", reply))
+        report["gate_reply"] = reply
+        if "late_pages" in reply:
+            report["late_pages"] = reply["late_pages"]
+    if pause_before_switchover:
+        # The STOP event comes just before the source enters pre-switchover, and migrate-continue
+        # is refused in any other state. By the time the gate has opened the source is there as a
+        # rule, so continue at once (no extra round trip in the downtime); if it is refused, wait
+        # for the state and try again.
+        deadline = time.time() + 600
+        while True:
+            try:
+                src.cmd("migrate-continue", state="pre-switchover")
+                break
+            except RuntimeError as e:
+                status = src.cmd("query-migrate").get("status")
+                if status in ("completed", "failed", "cancelled") or time.time() > deadline:
+                    _cancel(src)
+                    raise RuntimeError("the source did not pause before the switch-over (status %s): %s" % (status, e))
+                if status != "pre-switchover":
+                    time.sleep(0.001)
+        report["continue_ms"] = round((time.time() - t0) * 1000, 1)
     # Poll the source until the migration ends, reading the destination's events as they come (its
     # RESUME comes long before the end of a post-copy migration).
     while True:
@@ -165,7 +216,7 @@ def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",)
 
 def main(argv):
     if len(argv) >= 5 and argv[1] == "migrate":
-        caps, postcopy, params, gate_socket = ["x-ignore-shared"], False, None, None
+        caps, postcopy, params, gate_socket, pause = ["x-ignore-shared"], False, None, None, False
         rest = argv[5:]
         while rest:
             a = rest.pop(0)
@@ -177,10 +228,12 @@ def main(argv):
                 params = json.loads(rest.pop(0))
             elif a == "--postcopy":
                 postcopy = True
+            elif a == "--pause-before-switchover":
+                pause = True
             else:
                 sys.exit("qmp.py: unknown option %s" % a)
         try:
-            report = migrate(argv[2], argv[3], argv[4], gate_socket, caps, postcopy, params)
+            report = migrate(argv[2], argv[3], argv[4], gate_socket, caps, postcopy, params, pause)
         except RuntimeError as e:
             report = {"status": "error", "error": str(e)}
         print(json.dumps(report))

@@ -115,7 +115,7 @@ device_alive() {
     ( load_state "$1" || exit 1
       case "$METHOD" in
           nbd) nbd-client -c "$DEVICE" >/dev/null 2>&1 ;;
-          fuse) [ -n "$FUSE_PID" ] && kill -0 "$FUSE_PID" 2>/dev/null \
+          fuse) [ -n "$FUSE_PID" ] && pid_running "$FUSE_PID" \
                   && losetup -nO BACK-FILE "$DEVICE" 2>/dev/null | grep -qF "$FUSE_DIR/nbd" ;;
           *) exit 1 ;;
       esac )
@@ -233,11 +233,14 @@ detach_device() {
                 sleep 0.1
             done
             mountpoint -q "$FUSE_DIR" && die "cannot unmount $FUSE_DIR (busy)"
+            # A process that entered a new mount namespace after the attach (`ip netns exec` makes
+            # one) holds a copy of the FUSE mount, which the unmount above leaves in place: nbdfuse
+            # keeps running until that copy goes too. Removing the mount point detaches such copies.
+            rmdir "$FUSE_DIR" 2>/dev/null || true
             for ((i = 0; i < 100; i++)); do
-                [ -n "$FUSE_PID" ] && kill -0 "$FUSE_PID" 2>/dev/null || break
+                [ -n "$FUSE_PID" ] && pid_running "$FUSE_PID" || break
                 sleep 0.05
             done
-            rmdir "$FUSE_DIR" 2>/dev/null || true
             rm -f "$FUSE_DIR.pid" "$FUSE_DIR.log"
             ;;
     esac

@@ -42,10 +42,13 @@ background pull (default), and `nbdkit --filter=scan --filter=cow nbd ... cow-on
 
 Migrate suite: the same test VM (MIB of RAM, a workload that verifies and rewrites half of it
 continuously) live-migrated by scripts/migrate-vm between two network namespaces over one tc tbf link,
-by QEMU precopy (auto-converge), QEMU postcopy-ram (switched to post-copy at once) and nbd-umemd, the
-order rotating round by round: downtime, time to guest progress on the destination, time to all RAM on
-the destination, bytes sent, the guest's rate before/during/after, data errors; medians, umemd/postcopy
-ratios, and a PNG of the guest's rate over time.
+by QEMU precopy (auto-converge), QEMU postcopy-ram (switched to post-copy at once), nbd-umemd's file
+mode (RAM on a block device) and nbd-umemd's swap mode (RAM in tmpfs, staged as swapped out to an
+nbd-umemd swap device that is gone at the end), the order rotating round by round: downtime, time to
+guest progress on the destination, time to all RAM on the destination, bytes sent, the guest's rate
+before/during/after, data errors, and for the nbd-umemd modes the NBD writes after completion, for swap
+mode staging, swapoff and the time until the VM depends on nothing; medians, ratios against postcopy,
+the acceptance checks, and a PNG of the guest's rate over time.
 
 Options:
   --suite S       core, lazy, prefetch, migrate or all    (default all, env BENCH_SUITE)
@@ -56,7 +59,11 @@ Options:
   --mig-rounds N  migrate suite: rounds                    (default 3, env BENCH_MIG_ROUNDS)
   --mig-mem MIB   migrate suite: guest RAM                 (default 192)
   --mig-link RATE migrate suite: tc tbf rate of the link   (default 200mbit)
-  --mig-keep S    migrate suite: seconds run after the source is gone (default 3)
+  --mig-keep S    migrate suite: seconds the guest runs on after the source is gone (swap mode: after
+                  the destination daemon is gone too) (default 30: the acceptance checks look at the
+                  30 s after completion)
+  --mig-modes L   migrate suite: the contenders, comma-separated, from precopy, postcopy, file, swap
+                  (default all four; umemd = file)
   --plot FILE     migrate suite: where to draw the rate plot (default docs/migration-rate.png)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
   --check         exit 1 if an acceptance criterion is not met (default: only report it)
@@ -82,7 +89,8 @@ class Options:
         self.markdown = self.check = self.aa = False
         self.build = True
         self.mig_rounds = env("BENCH_MIG_ROUNDS", "3")
-        self.mig_mem, self.mig_link, self.mig_keep, self.plot = "192", "200mbit", "3", ""
+        self.mig_mem, self.mig_link, self.mig_keep, self.plot = "192", "200mbit", "30", ""
+        self.mig_modes = "precopy,postcopy,file,swap"
 
 
 # option -> (attribute, what it needs, accepts --opt=VALUE)
@@ -91,6 +99,7 @@ VALUED = {
     "--ramp": ("ramp", "a value", True), "--size": ("size", "a value", True), "--suite": ("suite", "a value", True),
     "--mig-rounds": ("mig_rounds", "a value", False), "--mig-mem": ("mig_mem", "a value", False),
     "--mig-link": ("mig_link", "a value", False), "--mig-keep": ("mig_keep", "a value", False),
+    "--mig-modes": ("mig_modes", "a list", False),
     "--plot": ("plot", "a file", False),
 }
 FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
@@ -142,6 +151,11 @@ def parse(argv):
     check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds")])
     if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):
         die("--mig-link wants a tc rate such as 200mbit, got '%s'" % o.mig_link)
+    modes = [{"umemd": "file"}.get(m, m) for m in o.mig_modes.split(",") if m]
+    bad = [m for m in modes if m not in suites.MIG_MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        die("--mig-modes wants distinct modes from %s, got '%s'" % (",".join(suites.MIG_MODES), o.mig_modes))
+    o.mig_modes = modes   # (round 1 runs them in this order; each round starts one later)
     o.plot = o.plot or os.path.join(ROOT, "docs", "migration-rate.png")
     if o.aa and o.suite != "core":
         die("--aa only applies to the core suite (use --suite core)")

@@ -9,65 +9,94 @@ from . import migration, vm
 from .common import Fatal, build_no_hugepage, build_release, die, ensure_packages, log, run_main, set_prog, umemd_binary
 
 USAGE = """\
-Usage: scripts/migrate-vm [--mode umemd|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S] [--keep S]
-                          [--link-rate RATE] [--link-delay MS] [--prefetch MODE]
+Usage: scripts/migrate-vm [--mode file|swap|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S]
+                          [--keep S] [--link-rate RATE] [--link-delay MS] [--prefetch MODE]
                           [--source-outage S[@AFTER]] [--fail-dest] [--ungated] [--dir DIR]
 
 Boots a test VM (Debian's kernel, a busybox initramfs running `nbd-mmap work`, which verifies and
 rewrites a working set of --work MiB continuously and prints its progress on the serial console)
-on the source host and migrates it:
+on the source host and migrates it. Both hosts are network namespaces on this machine, joined by a
+veth pair. Four modes:
 
+file (default; `umemd` is the same): the destination's RAM is a block device on nbd-umemd
   source host (netns, 10.200.0.1)         destination host (netns, 10.200.0.2)
     QEMU, RAM = memory-backend-file           nbd-umemd serve --source nbd://10.200.0.1 --gated
       share=on on /dev/shm/RAMFILE            scripts/attach -> block device
     nbd-umemd serve --file RAMFILE            QEMU -incoming, RAM = memory-backend-file on the device
       --readonly (+ nbdkit delay proxy)
 
-x-ignore-shared on both QEMUs, so the migration stream carries device state only; the destination
-daemon pulls nothing until the source QEMU reports STOP (its RAM is still changing until then),
-then its gate opens. After the destination daemon reports every page local, the device is read
-once into the page cache (the guest's first touches of the remaining pages then need no I/O) and
-the source QEMU and export are shut down; the VM keeps running on the destination for --keep
-seconds (default 10), the destination's page cache is dropped and all guest RAM re-read (no source
-left to ask), then everything is stopped and the report printed as one `REPORT {json}` line (also
-in DIR/report.json): downtime, destination resume, first progress on the destination, all RAM
-local, bytes and packets on the link, demand misses, the guest's rate before/during/after and over
-time, data errors.
+  x-ignore-shared on both QEMUs, so the migration stream carries device state only; the destination
+  daemon pulls nothing until the source QEMU reports STOP (its RAM is still changing until then),
+  then its gate opens. After the destination daemon reports every page local, the device is read
+  once into the page cache (the guest's first touches of the remaining pages then need no I/O) and
+  the source QEMU and export are shut down; the VM keeps running on the destination for --keep
+  seconds (default 10), the daemon's NBD writes since completion are read from its status, the
+  destination's page cache is dropped and all guest RAM re-read (no source left to ask). The VM
+  keeps depending on the daemon, its device and store for as long as it runs.
 
---mode precopy and --mode postcopy migrate the same VM the way QEMU does on its own, for
-comparison (scripts/bench --suite migrate): no nbd-umemd; the destination's RAM is a file in
-/dev/shm and the RAM pages go through the migration stream, with QEMU's auto-converge (precopy) or
-postcopy-ram switched on at once (userfaultfd on the destination). max-bandwidth is raised to
-10 GB/s in both, so only the link limits them.
+swap: post-copy through swap; at the end the VM depends on nothing
+  The same source. On the destination: `nbd-umemd serve --source URI --swap-size MEM+64M --gated
+  --swap` (a swap export whose slots map to source pages; its memory locked), attached with
+  `scripts/attach --swap`, mkswap and swapon -p 32767 (system-wide swap while it is on); then
+  `nbd-umemd stage --ram /dev/shm/RAMFILE-dst` creates the destination's RAM file on tmpfs and stages
+  every non-zero page of it as already swapped out, to a slot the daemon maps to the source page.
+  The destination QEMU (stock, no wrapper) maps that tmpfs file (memory-backend-file share=on);
+  x-ignore-shared on both sides and pause-before-switchover on the source: on the source's STOP the
+  gate opens (pages that turned non-zero since staging are copied straight into the RAM file: the
+  reply's late_pages), then migrate-continue lets the source hand over. The guest's first touch of
+  a page is a swap-in that the daemon serves from the source; its background pull brings the rest.
+  Once every slot is local the source is shut down, then swapoff reads the slots still swapped out
+  (from the local store), the device is detached, the daemon stopped and the store removed. What is
+  left behind: only the destination QEMU with its RAM in /dev/shm (no daemon, device, store or swap
+  entry; migrate-vm checks and reports that). The VM then runs on for --keep seconds.
+
+precopy, postcopy: the same VM migrated the way QEMU does on its own, for comparison (scripts/bench
+  --suite migrate): no nbd-umemd; the destination's RAM is a file in /dev/shm and the RAM pages go
+  through the migration stream, with QEMU's auto-converge (precopy) or postcopy-ram switched on at
+  once (userfaultfd on the destination). max-bandwidth is raised to 10 GB/s in both, so only the link
+  limits them.
+
+The report is one `REPORT {json}` line (also in DIR/report.json): downtime, destination resume, first
+progress on the destination, all RAM local, source gone, bytes and packets on the link, demand misses,
+the guest's rate before/during/after and over time, data errors; and for the nbd-umemd modes the NBD
+writes the destination daemon served after completion; for swap mode also staging_ms (and its
+phases), late_pages, swapoff_ms, independent_ms (from `migrate` until nothing but the destination
+QEMU is left) and leftovers_after_independent.
 
 Every step checks its result. A failure before the switch-over leaves the source VM running and
-removes what was set up on the destination (then the source side is stopped too, at exit).
+removes what was set up on the destination (swap mode: swapoff, detach, daemon stopped, RAM file and
+store removed); then the source side is stopped too, at exit. Every exit path (errors, SIGINT,
+SIGTERM) turns off a swap device this run turned on.
 
-  --mode MODE          umemd (default), precopy or postcopy
+  --mode MODE          file (default; umemd is an alias), swap, precopy or postcopy
   --mem MIB            guest RAM (default 256)          --work MIB   working set (default MEM/2)
-  --run-before S       seconds on the source first (3)  --keep S     seconds on the destination (10)
+  --run-before S       seconds on the source first (3)  --keep S     seconds on the destination (10;
+                       swap mode: counted from independence)
   --link-rate RATE     tc tbf rate on the veth pair (e.g. 200mbit); default unlimited
   --link-delay MS      add MS ms per read between the destination daemon and the source export
                        (an nbdkit --filter=delay proxy; this kernel has no netem)
   --prefetch MODE      the destination's background pull: adaptive (default), sequential, off
-  --read-ahead KB      the destination device's read_ahead_kb (default 64: a guest page fault reads
-                       at most 64 KiB of what is absent; the background pull brings the rest)
-  --thp                let the destination QEMU mark its RAM MADV_HUGEPAGE (by default it runs under
-                       scripts/no-hugepage.c: with huge pages every page fault reads 4 MiB)
+  --read-ahead KB      file mode: the destination device's read_ahead_kb (default 64: a guest page
+                       fault reads at most 64 KiB of what is absent; the background pull brings the
+                       rest). Swap mode: swap-in read-ahead is vm.page-cluster's
+  --thp                file mode: let the destination QEMU mark its RAM MADV_HUGEPAGE (by default it
+                       runs under scripts/no-hugepage.c: with huge pages every fault reads 4 MiB)
   --dest-args "ARGS"   more arguments for the destination's `nbd-umemd serve` (e.g. "--max-rate 10M")
-  --source-outage S[@AFTER]  kill the source export AFTER s (default 0.5) after the switch-over,
-                       restart it S s later: the guest stalls on missing pages, then continues
+  --source-outage S[@AFTER]  file and swap modes: kill the source export AFTER s (default 0.5) after
+                       the switch-over, restart it S s later: the guest stalls on missing pages, then
+                       continues
   --fail-dest          make the destination QEMU fail to start (tests the undo path)
-  --ungated            (tests only) no pull gate: the destination pulls while the source VM still
-                       runs, which is what the gate exists to prevent (expect data errors)
+  --ungated            (tests only, file mode) no pull gate: the destination pulls while the source
+                       VM still runs, which is what the gate exists to prevent (expect data errors)
   --dir DIR            working directory (default: a new one under /tmp, removed unless --keep-dir)
   --keep-dir           keep the working directory (consoles, logs, report.json)
-Needs root, qemu-system-x86, nbdkit, nbd-client tools (installed if missing).
+Needs root, qemu-system-x86, nbdkit, nbd-client tools (installed if missing); swap mode needs zswap
+off and a memory cgroup controller (the stager checks).
 """
 
 
 class Options:
-    mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "umemd", "256", "", "", "64", False, "3", "10"
+    mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "file", "256", "", "", "64", False, "3", "10"
     link_rate, link_delay, prefetch, outage, fail_dest, ungated, dir, keep_dir = "", "", "adaptive", "", False, False, "", False
 
 
@@ -103,11 +132,16 @@ def parse(argv):
     if not (re.fullmatch(r"[0-9]+", o.work) and int(o.work) < o.mem):
         die("--work wants MiB, less than --mem")
     o.work = int(o.work)
+    if o.mode == "umemd":       # the file mode's old name
+        o.mode = "file"
     if o.mode in ("precopy", "postcopy"):
         if o.link_delay or o.outage or o.ungated:
-            die("--link-delay, --source-outage and --ungated apply to --mode umemd only")
-    elif o.mode != "umemd":
-        die("--mode must be umemd, precopy or postcopy")
+            die("--link-delay, --source-outage and --ungated apply to --mode file and swap only")
+    elif o.mode == "swap":
+        if o.ungated:
+            die("--ungated applies to --mode file only")
+    elif o.mode != "file":
+        die("--mode must be file (or umemd), swap, precopy or postcopy")
     if o.prefetch not in ("adaptive", "sequential", "off"):
         die("--prefetch must be adaptive, sequential or off")
     if o.link_delay and not re.fullmatch(r"[0-9]+", o.link_delay):

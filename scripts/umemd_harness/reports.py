@@ -300,15 +300,23 @@ def prefetch(miss, local, nonzero, rate_bits, env, extra_env, markdown):
 
 
 # ---- migrate ---------------------------------------------------------------------------------------
-MIG_MODES = ["precopy", "postcopy", "umemd"]
-MIG_LABELS = {"precopy": "QEMU precopy", "postcopy": "QEMU postcopy-ram", "umemd": "nbd-umemd"}
+MIG_MODES = ["precopy", "postcopy", "file", "swap"]
+MIG_LABELS = {"precopy": "QEMU precopy", "postcopy": "QEMU postcopy-ram", "file": "nbd-umemd file",
+              "swap": "nbd-umemd swap"}
 MIG_ROWS = [
     ("downtime (QMP), ms", "downtime_ms"),
     ("`migrate` to guest progress on the destination, ms", "first_progress_on_destination_ms"),
     ("`migrate` to all RAM on the destination, ms", "all_ram_local_ms"),
+    ("`migrate` to the VM depending on nothing, ms", "independent_ms"),
     ("bytes sent by the source host (link, all TCP)", "link_bytes"),
     ("bytes in QEMU's stream", "migration_stream_bytes"),
     ("bytes pulled by nbd-umemd (logical)", "pulled_bytes"),
+    ("staging before `migrate` (swap), ms", "staging_ms"),
+    ("pages turned non-zero since staging (swap, gate open)", "late_pages"),
+    ("swapoff after all RAM is local (swap), ms", "swapoff_ms"),
+    ("NBD writes to the daemon after completion", "writes_after_complete"),
+    ("bytes written to the daemon after completion", "bytes_written_after_complete"),
+    ("things left after independence (swap)", "leftovers_after_independent"),
     ("longest pause in guest progress, ms", "max_progress_gap_ms"),
     ("guest rate before `migrate`, ops/s", "rate_before_ops"),
     ("guest rate until all RAM is on the destination, ops/s", "rate_during_ops"),
@@ -316,6 +324,8 @@ MIG_ROWS = [
     ("TCP retransmissions on the link", "tcp_retransmits"),
     ("data errors seen by the guest", "data_errors"),
 ]
+SUMS = ("data_errors", "leftovers_after_independent")   # every one counts: sums, not medians
+AFTER_COMPLETE_S = 30     # the acceptance looks at the writes in this many seconds after completion
 
 
 def _mig_fmt(v):
@@ -327,12 +337,17 @@ def _mig_fmt(v):
 
 
 def migrate(runs, env, params, args, markdown, plot):
-    """runs: {mode: [migrate-vm report of each round]} (a failed run: {"status": "failed", ...})."""
-    done = {m: [r for r in runs[m] if r.get("status") == "completed"] for m in MIG_MODES}
-    rounds = len(runs[MIG_MODES[0]])
+    """runs: {mode: [migrate-vm report of each round]} (a failed run: {"status": "failed", ...}), for
+    the modes that ran (a subset of MIG_MODES; "umemd" is the file mode's old name)."""
+    runs = {("file" if m == "umemd" else m): v for m, v in runs.items()}
+    modes = [m for m in MIG_MODES if m in runs]
+    done = {m: [r for r in runs[m] if r.get("status") == "completed"] for m in modes}
+    rounds = max(len(v) for v in runs.values()) if runs else 0
+    # ratio columns: each nbd-umemd mode against QEMU postcopy-ram
+    ratio_modes = [m for m in ("file", "swap") if m in modes and "postcopy" in modes]
 
     def mmed(m, key):
-        vals = [r[key] for r in done[m] if r.get(key) is not None]
+        vals = [r[key] for r in done.get(m, []) if r.get(key) is not None]
         return med(vals) if vals else None
 
     def each(m, key):
@@ -340,63 +355,124 @@ def migrate(runs, env, params, args, markdown, plot):
                          for r in runs[m])
 
     head = "Migration of one VM (%s), medians of %d rounds" % (params, rounds)
+    ratio_labels = ["%s / postcopy" % m for m in ratio_modes]
     if markdown:
         print("### " + head)
         print()
-        print("| | " + " | ".join(MIG_LABELS[m] for m in MIG_MODES) + " | nbd-umemd / postcopy |")
-        print("| --- | " + " | ".join("---:" for _ in MIG_MODES) + " | ---: |")
+        print("| | " + " | ".join(MIG_LABELS[m] for m in modes) + "".join(" | %s" % l for l in ratio_labels) + " |")
+        print("| --- | " + " | ".join("---:" for _ in modes + ratio_modes) + " |")
     else:
         print(head)
-        print("%-58s %16s %18s %16s %10s" % ("", *[MIG_LABELS[m] for m in MIG_MODES], "umemd/post"))
+        print(("%-58s" + " %18s" * len(modes) + " %15s" * len(ratio_modes))
+              % ("", *[MIG_LABELS[m] for m in modes], *ratio_labels))
     for label, key in MIG_ROWS:
-        vals = [mmed(m, key) for m in MIG_MODES]
-        ratio = ""
-        if vals[1] and vals[2] is not None:
-            ratio = "%.3f" % (vals[2] / vals[1])
-        if key == "data_errors":  # a sum, not a median: every error counts
-            vals = [sum(r.get(key) or 0 for r in done[m]) for m in MIG_MODES]
+        vals = [mmed(m, key) for m in modes]
+        if all(v is None for v in vals):
+            continue
+        ratios = []
+        for m in ratio_modes:
+            u, p = mmed(m, key), mmed("postcopy", key)
+            ratios.append("%.3f" % (u / p) if u is not None and p else "")
+        if key in SUMS:
+            vals = [sum(r.get(key) or 0 for r in done[m]) if any(r.get(key) is not None for r in done[m]) else None
+                    for m in modes]
             label += " (sum)"
-            ratio = ""
+            ratios = [""] * len(ratio_modes)
         if markdown:
-            print("| %s | %s | %s |" % (label, " | ".join(_mig_fmt(v) for v in vals), ratio))
+            print("| %s | %s |" % (label, " | ".join([_mig_fmt(v) for v in vals] + ratios)))
         else:
-            print("%-58s %16s %18s %16s %10s" % (label, *[_mig_fmt(v) for v in vals], ratio))
-    failed = [len(runs[m]) - len(done[m]) for m in MIG_MODES]
+            print(("%-58s" + " %18s" * len(modes) + " %15s" * len(ratio_modes)) % (label, *[_mig_fmt(v) for v in vals], *ratios))
+    failed = [len(runs[m]) - len(done[m]) for m in modes]
     label = "runs that failed (medians are over the others)"
     if markdown:
-        print("| %s | %s | |" % (label, " | ".join(str(f) for f in failed)))
+        print("| %s | %s |" % (label, " | ".join([str(f) for f in failed] + [""] * len(ratio_modes))))
     else:
-        print("%-58s %16s %18s %16s" % (label, *failed))
-    for m in MIG_MODES:
+        print(("%-58s" + " %18s" * len(modes)) % (label, *failed))
+    for m in modes:
         for r in runs[m]:
             if r.get("status") != "completed":
                 print("%s%s failed: %s" % ("- " if markdown else "", MIG_LABELS[m], r.get("error", "?")))
+    print()
+    if "swap" in modes and done["swap"]:
+        phases = {}
+        for r in done["swap"]:
+            for k, v in (r.get("staging_phases_ms") or {}).items():
+                phases.setdefault(k, []).append(v)
+        if phases:
+            text = "swap mode staging phases (medians, ms): %s" % ", ".join("%s %s" % (k, _mig_fmt(med(v)))
+                                                                          for k, v in phases.items())
+            print(("- " if markdown else "") + text)
+    if "file" in modes and done["file"]:
+        w, bw = mmed("file", "writes_after_complete"), mmed("file", "bytes_written_after_complete")
+        win = mmed("file", "writes_after_complete_window_s")
+        text = ("file mode: %s NBD writes (%s bytes) to the destination daemon in the %s s after completion (medians; "
+                "the guest's RAM stays on the daemon's device)" % (_mig_fmt(w), _mig_fmt(bw), _mig_fmt(win)))
+        print(("- " if markdown else "") + text)
     print()
     if markdown:
         print("Every round (in run order within a round the modes rotate):")
         print()
         for label, key in MIG_ROWS:
-            print("- %s: %s" % (label, "; ".join("%s %s" % (MIG_LABELS[m], each(m, key)) for m in MIG_MODES)))
+            if all(r.get(key) is None for m in modes for r in runs[m]):
+                continue
+            print("- %s: %s" % (label, "; ".join("%s %s" % (MIG_LABELS[m], each(m, key)) for m in modes)))
     else:
         for label, key in MIG_ROWS:
-            print("%-58s %s" % (label, " | ".join("%s: %s" % (m, each(m, key)) for m in MIG_MODES)))
+            if all(r.get(key) is None for m in modes for r in runs[m]):
+                continue
+            print("%-58s %s" % (label, " | ".join("%s: %s" % (m, each(m, key)) for m in modes)))
     print()
     print("environment: %s, %s CPUs (%s), %s; %s" % (env.kernel, env.nproc, env.cpu, env.umemd, env.date))
     print("command per run: %s" % args)
     print()
 
     criteria = []
-    for text, key, limit in [("nbd-umemd downtime <= QEMU postcopy-ram's", "downtime_ms", 1.0),
-                             ("nbd-umemd time to all RAM local <= 1.1x QEMU postcopy-ram's", "all_ram_local_ms", 1.1),
-                             ("nbd-umemd bytes sent (link) <= QEMU postcopy-ram's", "link_bytes", 1.0)]:
-        u, p = mmed("umemd", key), mmed("postcopy", key)
-        ratio = u / p if p else float("inf")
+
+    def against_postcopy(m, text, key, limit):
+        u, p = mmed(m, key), mmed("postcopy", key)
+        ratio = u / p if u is not None and p else float("inf")
         criteria.append((text, ratio <= limit, ratio))
-    errors = sum(r.get("data_errors") or 0 for r in runs["umemd"])
-    criteria.append(("nbd-umemd: no data errors in any round", errors == 0, errors))
-    if not done["postcopy"]:
+
+    if "file" in modes and "postcopy" in modes:
+        for text, key, limit in [("nbd-umemd file: downtime <= QEMU postcopy-ram's", "downtime_ms", 1.0),
+                                 ("nbd-umemd file: time to all RAM local <= 1.1x QEMU postcopy-ram's", "all_ram_local_ms", 1.1),
+                                 ("nbd-umemd file: bytes sent (link) <= QEMU postcopy-ram's", "link_bytes", 1.0)]:
+            against_postcopy("file", text, key, limit)
+    if "file" in modes:
+        errors = sum(r.get("data_errors") or 0 for r in runs["file"])
+        criteria.append(("nbd-umemd file: no data errors in any round", errors == 0, errors))
+    if "swap" in modes and "postcopy" in modes:
+        for text, key, limit in [
+                ("nbd-umemd swap: downtime <= QEMU postcopy-ram's", "downtime_ms", 1.0),
+                ("nbd-umemd swap: `migrate` to first guest progress on the destination <= QEMU postcopy-ram's",
+                 "first_progress_on_destination_ms", 1.0),
+                ("nbd-umemd swap: time to all RAM local <= 1.1x QEMU postcopy-ram's", "all_ram_local_ms", 1.1),
+                ("nbd-umemd swap: bytes sent (link) <= QEMU postcopy-ram's", "link_bytes", 1.0)]:
+            against_postcopy("swap", text, key, limit)
+        u, p = mmed("swap", "rate_after_ops"), mmed("postcopy", "rate_after_ops")
+        ratio = u / p if u is not None and p else 0.0
+        criteria.append(("nbd-umemd swap: guest page-ops/s after completion within 5 % of QEMU postcopy-ram's "
+                         "(or above): swap/postcopy >= 0.95", ratio >= 0.95, ratio))
+    if "swap" in modes:
+        ind, loc = mmed("swap", "independent_ms"), mmed("swap", "all_ram_local_ms")
+        ratio = ind / loc if ind is not None and loc else float("inf")
+        criteria.append(("nbd-umemd swap: independent (nothing left but QEMU) <= 1.25x its all-RAM-local time",
+                         ratio <= 1.25, ratio))
+        bad = [r for r in runs["swap"] if r.get("status") != "completed" or r.get("writes_after_complete") != 0
+               or r.get("bytes_written_after_complete") != 0 or r.get("leftovers_after_independent") != 0]
+        windows = [r.get("writes_after_complete_window_s") or 0 for r in done["swap"]]
+        short = min(windows) if windows else 0
+        criteria.append(("nbd-umemd swap: zero NBD and store writes in the %d s after completion, daemon, device, store "
+                         "and swap entry gone (every round; shortest window seen %s s)" % (AFTER_COMPLETE_S, _mig_fmt(short)),
+                         not bad and short >= AFTER_COMPLETE_S, len(bad)))
+        missing = [r for r in runs["swap"] if r.get("staging_ms") is None]
+        criteria.append(("nbd-umemd swap: staging time reported in every round (median %s ms)"
+                         % _mig_fmt(mmed("swap", "staging_ms")), not missing, len(missing)))
+        errors = sum(r.get("data_errors") or 0 for r in runs["swap"])
+        criteria.append(("nbd-umemd swap: no data errors in any round", errors == 0, errors))
+    if ("file" in modes or "swap" in modes) and "postcopy" in modes and not done["postcopy"]:
         criteria.append(("QEMU postcopy-ram completed at least once (nothing to compare with)", False, 0))
-    ok = print_criteria(criteria, False, fmt=lambda r: "%.3f" % r if isinstance(r, float) else r)
+    ok = print_criteria(criteria, markdown, fmt=lambda r: "%.3f" % r if isinstance(r, float) else r)
     draw_rates(done, mmed, plot, params)
     return ok
 
@@ -409,11 +485,11 @@ def draw_rates(done, mmed, path, params):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit("bench-migrate-report: matplotlib is missing (%s): install python3-matplotlib" % e)
-    colors = {"precopy": "tab:gray", "postcopy": "tab:orange", "umemd": "tab:blue"}
+    colors = {"precopy": "tab:gray", "postcopy": "tab:orange", "file": "tab:blue", "swap": "tab:green"}
     fig, axes = plt.subplots(2, 1, figsize=(10, 7.5))
     for ax, (lo, hi), log in [(axes[0], (-3, None), False), (axes[1], (-1, 15), True)]:
         for m in MIG_MODES:
-            if not done[m]:
+            if not done.get(m):
                 continue
             target = mmed(m, "all_ram_local_ms")
             run = min(done[m], key=lambda r: abs(r["all_ram_local_ms"] - target))

@@ -21,8 +21,12 @@ from .common import die, log, read_text, tail, wait_for_file
 
 class Server:
     def __init__(self, name, argv, pidfile, log_path, sock=None, env=None, netns=None, start_timeout=20,
-                 announce=True, log_mode="ab"):
+                 announce=True, log_mode="ab", own_session=False):
         self.name, self.pidfile, self.log_path, self.sock = name, pidfile, log_path, sock
+        # own_session: a session (and process group) of its own, so that a signal to this process
+        # group (Ctrl-C, `timeout`) does not reach it: for a daemon that must outlive the cleanup
+        # which needs it (a swap device's server: swapoff reads from it)
+        self.own_session = own_session
         self.argv = list(argv)
         if netns:
             self.argv = ["ip", "netns", "exec", netns] + self.argv
@@ -49,7 +53,8 @@ class Server:
             log("starting %s: %s%s" % (self.name, "env " + prefix if prefix else "", " ".join(self.argv)))
         env = dict(os.environ, **self.env) if self.env else None
         with open(self.log_path, self.log_mode) as out:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                         start_new_session=self.own_session)
         return self
 
     def wait_listening(self, timeout=None):

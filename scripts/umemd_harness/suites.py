@@ -19,8 +19,10 @@ turns "complete"; the scan proxy (which only scans while a client is connected, 
 connected) until the source has served its last read. Compared with non-zero bytes / link rate.
 
 Migrate: the same VM live-migrated by scripts/migrate-vm over the same tc tbf link by QEMU precopy
-(auto-converge), QEMU postcopy-ram and nbd-umemd, the order rotating round by round; each run's REPORT
-is kept, the summary gives medians, umemd/postcopy ratios and a PNG of the guest's rate over time.
+(auto-converge), QEMU postcopy-ram, nbd-umemd's file mode and nbd-umemd's swap mode (or the
+contenders --mig-modes names), the order rotating round by round; each run's REPORT is kept, the
+summary gives medians, ratios against postcopy, the acceptance checks and a PNG of the guest's rate
+over time.
 """
 import datetime
 import json
@@ -456,16 +458,21 @@ def _keep_failed_run(run_dir, name):
     log("    the failed run's logs and consoles are kept in %s" % keep)
 
 
+MIG_MODES = ["precopy", "postcopy", "file", "swap"]   # the contenders (migrate-vm --mode), default order
+LAZY_MIG_MODES = ("file", "swap")                      # nbd-umemd's: a failure ends the benchmark
+
+
 def run_migrate(b):
     o = b.o
     d = os.path.join(b.work, "migrate")
     os.makedirs(d, exist_ok=True)
-    modes = ["precopy", "postcopy", "umemd"]
+    modes = list(o.mig_modes)
     runs = {m: [] for m in modes}
-    log("migrate suite: %d rounds x 3 migrations of a %d MiB VM over a %s link" % (o.mig_rounds, o.mig_mem, o.mig_link))
+    log("migrate suite: %d rounds x %d migrations (%s) of a %d MiB VM over a %s link, %d s kept after each"
+        % (o.mig_rounds, len(modes), ", ".join(modes), o.mig_mem, o.mig_link, o.mig_keep))
     for rnd in range(1, o.mig_rounds + 1):
-        for i in range(3):
-            mode = modes[(i + rnd - 1) % 3]
+        for i in range(len(modes)):
+            mode = modes[(i + rnd - 1) % len(modes)]
             out = os.path.join(d, "%s-%d" % (mode, rnd))
             log("  round %d: %s" % (rnd, mode))
             cmd = ["timeout", "1800", os.path.join(ROOT, "scripts", "migrate-vm"), "--mode", mode, "--mem", str(o.mig_mem),
@@ -477,8 +484,9 @@ def run_migrate(b):
             if rc != 0 or not report:
                 sys.stderr.write(tail(out + ".log", 20) + "\n")
                 # QEMU's own modes may fail (that is a result); nbd-umemd failing ends the benchmark
-                if mode == "umemd":
-                    die("migrate-vm --mode umemd failed (status %d, round %d)" % (rc, rnd))
+                if mode in LAZY_MIG_MODES:
+                    _keep_failed_run(out, "%s-%d" % (mode, rnd))
+                    die("migrate-vm --mode %s failed (status %d, round %d)" % (mode, rc, rnd))
                 _keep_failed_run(out, "%s-%d" % (mode, rnd))
                 errors = [l for l in text.splitlines() if "error" in l and "working directory" not in l]
                 r = {"status": "failed", "mode": mode, "error": errors[-1] if errors else ""}
@@ -491,9 +499,16 @@ def run_migrate(b):
                 f.write("\n".join(report) + "\n")
             r = json.loads(report[0])
             runs[mode].append(r)
+            extra = ""
+            if mode == "swap":
+                extra = (", staging %s ms, late pages %s, swapoff %s ms, independent after %s ms, %s left"
+                         % (r.get("staging_ms"), r.get("late_pages"), r.get("swapoff_ms"), r.get("independent_ms"),
+                            r.get("leftovers_after_independent")))
+            if mode in LAZY_MIG_MODES:
+                extra += ", %s NBD writes after completion" % r.get("writes_after_complete")
             log("    downtime %s ms, progress on the destination after %s ms, all RAM there after %s ms, %s link bytes, "
-                "%s errors" % (r["downtime_ms"], r["first_progress_on_destination_ms"], r["all_ram_local_ms"],
-                               r["link_bytes"], r["data_errors"]))
+                "%s errors%s" % (r["downtime_ms"], r["first_progress_on_destination_ms"], r["all_ram_local_ms"],
+                                 r["link_bytes"], r["data_errors"], extra))
     params = "rounds=%d mem=%dMiB work=%dMiB link=%s keep=%ds" % (o.mig_rounds, o.mig_mem, o.mig_mem // 2, o.mig_link, o.mig_keep)
     args = "scripts/migrate-vm --mode MODE --mem %d --link-rate %s --keep %d" % (o.mig_mem, o.mig_link, o.mig_keep)
     return reports.migrate(runs, b.env(), params, args, o.markdown, o.plot)

@@ -73,6 +73,7 @@ public struct Stager {
             return ms
         }
 
+        StagingCgroup.removeStale(say: say)
         try Self.refuseZswap()
         try Self.checkSwapAreas(device: device)
 
@@ -100,7 +101,11 @@ public struct Stager {
         let cgroup = try StagingCgroup.create()
         report.cgroup = cgroup.description
         var cgroupRemoved = false
-        defer { if !cgroupRemoved { cgroup.remove() } }
+        StagingInterrupt.arm(cgroup: cgroup, ramFile: ramFile)
+        defer {
+            StagingInterrupt.disarm()
+            if !cgroupRemoved { cgroup.remove() }
+        }
         try cgroup.enter()
         do {
             let length = Int(opened.sourceSize)
@@ -316,6 +321,20 @@ struct StagingCgroup: CustomStringConvertible {
         throw Stager.Failure("no memory cgroup controller found (cgroup v1 /sys/fs/cgroup/memory or v2 with the memory controller): staging needs one to drain the swap cache")
     }
 
+    /// Removes the staging cgroups of stagers that are gone (killed before they could clean up).
+    static func removeStale(say: (String) -> Void) {
+        for root in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+            guard let dir = opendir(root) else { continue }
+            defer { closedir(dir) }
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                guard name.hasPrefix("nbd-umemd-stage-"), let pid = Int32(name.dropFirst("nbd-umemd-stage-".count)),
+                      pid != getpid(), kill(pid, 0) != 0 && errno == ESRCH else { continue }
+                if rmdir(root + "/" + name) == 0 { say("removed the staging cgroup \(root)/\(name) of a stager that is gone") }
+            }
+        }
+    }
+
     static func makeDir(_ path: String) throws {
         guard mkdir(path, 0o755) == 0 || errno == EEXIST else {
             throw Stager.Failure("mkdir \(path): \(String(cString: strerror(errno)))")
@@ -357,6 +376,39 @@ struct StagingCgroup: CustomStringConvertible {
             if rmdir(path) == 0 || errno == ENOENT { return }
             usleep(10_000)
         }
+    }
+}
+
+/// SIGTERM/SIGINT while staging: leave the cgroup, remove it and the RAM file, then die of the
+/// signal (the handler only calls async-signal-safe functions on strings prepared beforehand).
+enum StagingInterrupt {
+    nonisolated(unsafe) static var home: UnsafeMutablePointer<CChar>?
+    nonisolated(unsafe) static var pidLine: UnsafeMutablePointer<CChar>?
+    nonisolated(unsafe) static var cgroup: UnsafeMutablePointer<CChar>?
+    nonisolated(unsafe) static var ram: UnsafeMutablePointer<CChar>?
+
+    static func arm(cgroup c: StagingCgroup, ramFile: String) {
+        home = strdup(c.home)
+        pidLine = strdup("\(getpid())")
+        cgroup = strdup(c.path)
+        ram = strdup(ramFile)
+        let handler: @convention(c) (Int32) -> Void = { sig in
+            if let home = StagingInterrupt.home, let line = StagingInterrupt.pidLine {
+                let fd = open(home, O_WRONLY)
+                if fd >= 0 { _ = write(fd, line, strlen(line)); _ = close(fd) }
+            }
+            if let c = StagingInterrupt.cgroup { for _ in 0 ..< 50 { if rmdir(c) == 0 { break }; usleep(10_000) } }
+            if let r = StagingInterrupt.ram { unlink(r) }
+            signal(sig, SIG_DFL)
+            raise(sig)
+        }
+        signal(SIGTERM, handler)
+        signal(SIGINT, handler)
+    }
+
+    static func disarm() {
+        signal(SIGTERM, SIG_DFL)
+        signal(SIGINT, SIG_DFL)
     }
 }
 
