@@ -46,6 +46,8 @@ EXPORT_PORT, PROXY_PORT, MIG_PORT = 10809, 10810, 4444
 FAST = {"max-bandwidth": 10000000000}
 # vm.page-cluster while swap mode's swapoff runs (see Migration.swapoff)
 SWAPOFF_PAGE_CLUSTER = 7
+# swap mode: swapoff starts once the background pull reports this much progress (see start_swapoff)
+SWAPOFF_AT_PROGRESS = 0.5
 LAZY_MODES = ("file", "swap")      # the modes whose RAM follows through nbd-umemd
 SWAP_HEADROOM_MIB = 64             # swap mode: the swap export is the guest RAM plus this much
 SWAP_PRIORITY = 32767              # swapon -p: the highest, so the kernel uses this device first
@@ -137,6 +139,7 @@ class Migration:
         self.src_qemu = self.dst_qemu = self.src_export = self.proxy = self.dst_daemon = None
         self.device = None
         self.swap_device = None       # swap mode: the device once swapon may have run, until swapoff succeeded
+        self.early_swapoff = None     # swap mode: (thread, holder) of the swapoff started near completion
         self.swap_devices = set()     # every device this run made swap (the leftover checks look for them)
         self.staged = None            # swap mode: the stager's STAGED report
         self.stager_pid = None        # swap mode: the stager's pid (its cgroup is named after it)
@@ -286,6 +289,9 @@ class Migration:
         """Every device of this run that is still swap is turned off (the daemon must still serve it:
         the kernel reads back what is on it). If that fails the daemon is left running and the error
         says what to run."""
+        if self.early_swapoff is not None:
+            # a swapoff already running (started before completion) finishes first
+            self.early_swapoff[0].join(600)
         candidates = set(self.attached_devices()) | ({self.swap_device} if self.swap_device else set())
         on = [d for d in candidates if d in active_swaps()]
         for dev in on:
@@ -478,13 +484,35 @@ class Migration:
             # QEMU's migration is complete (on the destination too, for post-copy) when `migrate` returns
             all_local_ms, pulled = int("%.0f" % mig["completed_ms"]), 0
             say("all RAM on the destination after %d ms: shutting the source down" % all_local_ms)
-        link = self.hosts.tx_bytes() - counters[0]
-        packets = self.hosts.tx_packets() - counters[1]
-        retrans = self.hosts.tcp_retransmits() - counters[2]
-        self.stop_source()
-        gone_ms = ms_since(t0)
+
+        def link_counters():
+            return (self.hosts.tx_bytes() - counters[0], self.hosts.tx_packets() - counters[1],
+                    self.hosts.tcp_retransmits() - counters[2])
+
         if self.swap:
-            self.become_independent(t0)
+            # The source is not needed any more: the link is read and the source shut down while the
+            # destination lets go of its device (neither waits for the other).
+            gone = {}
+
+            def stop_source():
+                gone["link"] = link_counters()
+                self.stop_source()
+                gone["ms"] = ms_since(t0)
+
+            stopper = threading.Thread(target=stop_source, daemon=True)
+            stopper.start()
+            try:
+                self.become_independent(t0)
+            finally:
+                stopper.join()
+            if "ms" not in gone:
+                die("shutting the source down failed")
+            gone_ms = gone["ms"]
+            link, packets, retrans = gone["link"]
+        else:
+            link, packets, retrans = link_counters()
+            self.stop_source()
+            gone_ms = ms_since(t0)
         end_ms, warm_ms, reread = self.run_without_source(t0)
         self.stop_tailers()
         r = self.report(mig, t0, all_local_ms, gone_ms, end_ms, pulled, link, reread, retrans, warm_ms, packets)
@@ -749,10 +777,13 @@ class Migration:
         self.outage = (t, cancel)
 
     def status(self, keep="dst-status.json"):
-        """The destination daemon's status (also kept in DIR/KEEP); {} if it does not answer."""
-        res = subprocess.run([self.umemd, "status", "--control", self.path("dst.ctl")], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL)
-        out = res.stdout if res.returncode == 0 else b""
+        """The destination daemon's status (also kept in DIR/KEEP); {} if it does not answer. Asked on
+        the control socket directly (no process to start: the polls time the completion)."""
+        try:
+            reply = vm.qmp.control(self.path("dst.ctl"), {"command": "status"})
+            out = json.dumps(reply).encode() if reply.get("ok") is True else b""
+        except (OSError, ValueError):
+            out = b""
         with open(self.path(keep), "wb") as f:
             f.write(out)
         try:
@@ -764,13 +795,19 @@ class Migration:
         """Post-copy: until the destination daemon reports every page (swap mode: every mapped slot)
         local. Returns (ms since t0, bytes pulled)."""
         st = {}
-        for _ in range(6000):
+        deadline = time.time() + 600
+        while time.time() < deadline:
             st = self.status()
+            staged = st.get("staged_slots") or 0
+            absent = (st.get("pages") or {}).get("absent", staged)
+            if self.swap and self.early_swapoff is None and (
+                    st.get("complete") is True or (staged and 1 - absent / staged >= SWAPOFF_AT_PROGRESS)):
+                self.start_swapoff()
             if st.get("complete") is True:
                 break
             if not self.dst_qemu.alive():
                 die("the destination QEMU died during post-copy: %s" % tail(self.path("dst-qemu.log"), 3))
-            time.sleep(0.1)
+            time.sleep(0.02)
         if st.get("complete") is not True:
             die("not every page was local after 600 s: %s" % json.dumps(st, separators=(",", ":")))
         all_local = ms_since(t0)
@@ -801,6 +838,20 @@ class Migration:
         thread.start()
         self.warmer = (thread, holder)
 
+    def start_swapoff(self):
+        """Swap mode: swapoff starts in the background once the pull is SWAPOFF_AT_PROGRESS done; the
+        slots it reads that are still absent are pulled on demand, so the device is released about
+        when the last page arrives instead of a whole swapoff later."""
+        holder = {"t": time.time()}
+
+        def run():
+            holder["result"] = self.swapoff(self.device, 600)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.early_swapoff = (thread, holder)
+        say("swapoff %s started" % self.device)
+
     def become_independent(self, t0):
         """Swap mode, every slot local and the source shut down: swapoff (the kernel reads the slots
         still swapped out, from the local store), detach, the daemon stopped, the store removed.
@@ -809,7 +860,12 @@ class Migration:
         fig = self.figures
         dev = self.device
         complete = self.read_json("dst-status-complete.json")
-        ok, fig["swapoff_ms"], msg = self.swapoff(dev, 600)
+        if self.early_swapoff is None:
+            self.start_swapoff()
+        thread, holder = self.early_swapoff
+        thread.join()
+        ok, fig["swapoff_ms"], msg = holder["result"]
+        fig["swapoff_started_ms"] = int((holder["t"] - t0) * 1000)
         if not ok:
             die(msg)
         self.swap_device = None
@@ -956,6 +1012,7 @@ class Migration:
             "all_ram_local_ms": all_local,
             "source_gone_ms": gone,
             "swapoff_ms": fig.get("swapoff_ms"),
+            "swapoff_started_ms": fig.get("swapoff_started_ms"),
             "detach_ms": fig.get("detach_ms"),
             "daemon_stop_ms": fig.get("daemon_stop_ms"),
             "swap_device": sorted(self.swap_devices)[0] if self.swap_devices else None,

@@ -89,9 +89,10 @@ extension LazyOpenedExport {
     func copyLatePages() throws -> UInt64 {
         guard let slots, slots.stagingState == .sealed else { return 0 }
         let source = lazy.source, pageSize = lazy.geometry.pageSize
+        let started = ContinuousClock.now
         let copied = try waitForAsync { try await LatePages.copy(slots: slots, source: source, pageSize: pageSize) }
         latePages = copied
-        if copied > 0 { logger.info("\(copied) source pages that were zero at staging no longer are: copied into the RAM file") }
+        logger.info("late-page check: \(copied) source pages that were zero at staging no longer are (copied into the RAM file); \(ContinuousClock.now - started)")
         return copied
     }
 

@@ -35,6 +35,40 @@ enum SourceZeroPages {
         return runs
     }
 
+    /// Runs of whole zero pages inside `pages` (sorted page runs), asked about all at once (one query
+    /// per run, sent together: one round trip, and the source only looks at these ranges).
+    static func query(_ source: any RemoteSource, within pages: [Range<UInt64>], pageSize: UInt64) async throws -> [Range<UInt64>] {
+        guard source.supportsExtents else { return [] }
+        let limit = source.size / pageSize
+        let found = try await withThrowingTaskGroup(of: [Range<UInt64>].self) { group in
+            for run in pages where run.lowerBound < limit {
+                let run = run.lowerBound ..< min(run.upperBound, limit)
+                group.addTask {
+                    var out: [Range<UInt64>] = []
+                    var pos = run.lowerBound * pageSize
+                    let end = run.upperBound * pageSize
+                    while pos < end {
+                        let extents = try await source.extents(offset: pos, length: min(end - pos, 1 << 30))
+                        guard !extents.isEmpty else { break }
+                        for extent in extents where pos < end {
+                            let stop = min(pos + UInt64(extent.length), end)
+                            if extent.flags.contains(.zero) {
+                                let first = (pos + pageSize - 1) / pageSize, last = stop / pageSize
+                                if first < last { out.append(first ..< last) }
+                            }
+                            pos = stop
+                        }
+                    }
+                    return out
+                }
+            }
+            var all: [Range<UInt64>] = []
+            for try await part in group { all += part }
+            return all
+        }
+        return found.sorted { $0.lowerBound < $1.lowerBound }
+    }
+
     /// `pages` minus `zero` (both sorted runs).
     static func subtract(_ pages: [Range<UInt64>], _ zero: [Range<UInt64>]) -> [Range<UInt64>] {
         var out: [Range<UInt64>] = []
@@ -67,7 +101,10 @@ enum LatePages {
         guard let ramFile = slots.stagedRAMFile else { return 0 }
         let unstaged = slots.unstagedPages()
         guard !unstaged.isEmpty else { return 0 }
-        let zero = try await SourceZeroPages.query(source, pageSize: pageSize)
+        // A few runs (the usual case: the guest's untouched memory): ask about them only.
+        let zero = unstaged.count <= 1024
+            ? try await SourceZeroPages.query(source, within: unstaged, pageSize: pageSize)
+            : try await SourceZeroPages.query(source, pageSize: pageSize)
         let late = SourceZeroPages.subtract(unstaged, zero)
         guard !late.isEmpty else { return 0 }
         let fd = try Sys.open(ramFile, flags: O_WRONLY, operation: "open the staged RAM file \(ramFile)")
