@@ -45,5 +45,9 @@ let package = Package(
             name: "FuzzPageStore",
             dependencies: ["FuzzSupport", nbdPager]
         ),
+        .executableTarget(
+            name: "FuzzSwapSlots",
+            dependencies: ["FuzzSupport", nbdPager]
+        ),
     ]
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpus of each fuzz target into Corpus/<target>/, from the byte sequences the unit
 tests use (Tests/NbdPagerTests: StateMachineTests, WireTests, ValidatorTests, PageStateMapTests,
-PageStoreTests). The input layout of each target is described at the top of its source file.
+PageStoreTests, SwapSlotsTests). The input layout of each target is described at the top of its source
+file.
 
 Usage: FuzzTesting/make-seeds.py   (rewrites the corpus; the files are committed)
 """
@@ -251,10 +252,118 @@ def page_store():
     }
 
 
+# ---- swap slot table (as Sources/NbdPager/Swap/SwapSlots.swift writes DIR/slots) ---------------------
+SWAP_SLOTS, SWAP_SOURCE_PAGES, SWAP_FIELDS, SWAP_MAX_PATH = 64, 32, 72, 4096
+
+
+def slots_file(staging=0, table=(), path=b"", staged=0, duplicates=0, slots=SWAP_SLOTS,
+               source_pages=SWAP_SOURCE_PAGES, page=PAGE, version=1, raw_entries=(), path_length=None):
+    """A slots file: 72 bytes of fields, the RAM file path area, then per slot (source page + 1) or 0.
+    `table` maps slot -> source page; `raw_entries` maps slot -> the stored word as is."""
+    header_size = SWAP_FIELDS + SWAP_MAX_PATH
+    f = bytearray(header_size + slots * 4)
+    f[0:56] = b"UMEMSWPT" + le("IIQQQQQ", version, staging, slots, source_pages, page, staged, duplicates)
+    f[56:60] = le("I", len(path) if path_length is None else path_length)
+    f[SWAP_FIELDS:SWAP_FIELDS + len(path)] = path
+    for s, p in dict(table).items():
+        f[header_size + 4 * s:header_size + 4 * s + 4] = le("I", p + 1)
+    for s, e in dict(raw_entries).items():
+        f[header_size + 4 * s:header_size + 4 * s + 4] = le("I", e)
+    f[60:64] = le("I", crc32c(f[SWAP_FIELDS:]))
+    f[64:68] = le("I", crc32c(f[:64]))
+    return bytes(f)
+
+
+def swap_input(fix, file, ops=b""):
+    return bytes([fix]) + le("H", len(file)) + file + ops
+
+
+# Operations (see FuzzSwapSlots.swift), and edits of a marker (a lone 0 byte: the exact marker).
+def op_open(path=b"/dev/shm/ram", length=None):
+    return bytes([0]) + le("H", len(path) if length is None else length) + bytes([len(path)]) + path
+
+
+OP_OPEN_NO_PATH = bytes([0x08]) + le("H", 0) + b"\x00"
+OP_SEAL, OP_COMMIT = b"\x04", b"\x05"
+
+
+def op_write(slot, page, edits=b"\x00"):
+    return bytes([1, slot, page]) + edits
+
+
+def op_map(slot, page):
+    return bytes([2, slot, page])
+
+
+def op_unmap(a, b):
+    return bytes([3, a, b])
+
+
+def op_decode(k0, k1, page, edits=b"\x00"):
+    return bytes([6]) + le("QQQ", k0, k1, page) + edits
+
+
+def op_scan(a, b, x, y):
+    return bytes([7]) + le("HHHH", a, b, x, y)
+
+
+EDIT_SHORT = b"\x01" + le("H", 100)             # 100 bytes: starts with the magic, not a marker
+EDIT_LONG = b"\x02\x00"                        # 4097 bytes
+EDIT_TAG = b"\x08" + le("H", 16) + b"\x01"       # authenticator changed
+EDIT_TAIL = b"\x04" + le("H", 4095) + b"\x01\x01"  # a non-zero byte after the marker
+EDIT_KEY = b"\x10\x05"                          # another key
+EDIT_FAR_PAGE = b"\x20" + le("Q", 2**32 + 3)     # a page beyond the source
+EDIT_ZERO = b"\x40"                             # an all-zero slot (data)
+
+
+def swap_slots():
+    """fix-up byte, u16 file length + slots file, then operations."""
+    staged = {2: 5, 3: 6, 4: 7, 10: 0, 11: 31, 20: 5}    # slot 20 repeats page 5
+    sealed = slots_file(staging=2, table=staged, path=b"/dev/shm/ram-of-this-run", staged=6, duplicates=1,
+                        raw_entries={30: SWAP_SOURCE_PAGES + 1, 31: 0xFFFFFFFF})
+    interrupted = slots_file(staging=0, table={1: 2, 2: 3, 5: 9}, path=b"/dev/shm/ram")
+    fresh = slots_file()
+    staging = (op_open() + op_write(8, 3) + op_write(9, 4) + op_write(10, 5) + op_write(11, 3)
+               + op_write(12, 6, EDIT_TAG) + op_write(13, 7, EDIT_KEY) + op_write(14, 8, EDIT_SHORT)
+               + op_write(15, 33) + op_write(16, 1, EDIT_FAR_PAGE) + op_write(17, 2, EDIT_ZERO)
+               + op_write(63, 31) + op_map(40, 20) + op_map(41, 20) + op_unmap(9, 10) + op_write(8, 9, EDIT_TAIL)
+               + op_scan(0, 64, 0, 32 * 256) + OP_COMMIT + op_open(b"/dev/shm/ram2") + op_write(0, 0)
+               + op_write(1, 1) + op_write(2, 2) + OP_SEAL + op_write(1, 1) + op_unmap(0, 1) + OP_SEAL
+               + op_open() + OP_COMMIT + op_scan(0, 70, 5, 40 * 256))
+    return {
+        "fixups-only": swap_input(0x7F, b""),
+        "fixups-from-garbage": swap_input(0x7F, bytes((i * 37 + 11) & 0xFF for i in range(4500))),
+        "valid-fresh": swap_input(0x00, fresh),
+        "valid-sealed": swap_input(0x00, sealed, op_scan(0, 66, 0, 32 * 256) + op_unmap(2, 4) + OP_COMMIT
+                                   + op_open() + OP_SEAL),
+        "valid-interrupted": swap_input(0x00, interrupted, op_unmap(1, 2) + OP_COMMIT + op_open(b"", 0)
+                                        + op_write(3, 3) + OP_COMMIT),
+        "longer-file": swap_input(0x00, sealed + b"\x00" * 16),
+        "truncated": swap_input(0x00, fresh[:-1]),
+        "short-fields": swap_input(0x00, fresh[:60]),
+        "header-checksum": swap_input(0x00, fresh[:64] + b"\x01" + fresh[65:]),
+        "body-checksum": swap_input(0x00, fresh[:-1] + b"\x01"),
+        "version-2": swap_input(0x00, slots_file(version=2)),
+        "other-slot-count": swap_input(0x00, slots_file(slots=65)),
+        "other-source": swap_input(0x00, slots_file(source_pages=33)),
+        "other-page-size": swap_input(0x00, slots_file(page=512)),
+        "path-too-long": swap_input(0x00, slots_file(path=b"/" * 4096, path_length=4097)),
+        "staging": swap_input(0x80, b"", staging),
+        "staging-long-path": swap_input(0x80, b"", op_open(b"/dev/shm/\xc3\xa9", 4150) + op_write(0, 0) + OP_COMMIT
+                                        + OP_OPEN_NO_PATH + op_write(1, 1) + OP_SEAL + OP_COMMIT),
+        "markers": swap_input(0x80, b"", op_decode(0x0706050403020100, 0x0f0e0d0c0b0a0908, 7)
+                              + op_decode(1, 2, 0) + op_decode(1, 2, 2**64 - 1, EDIT_TAG)
+                              + op_decode(1, 2, 3, EDIT_SHORT) + op_decode(1, 2, 3, EDIT_LONG)
+                              + op_decode(1, 2, 3, EDIT_TAIL) + op_decode(1, 2, 3, EDIT_KEY)
+                              + op_decode(1, 2, 3, EDIT_ZERO) + op_decode(1, 2, 3, b"\x03" + le("H", 8))),
+    }
+
+
 def main():
     corpus = os.path.join(HERE, "Corpus")
     for target, seeds in [("FuzzStateMachine", state_machine()), ("FuzzValidator", validator()),
-                          ("FuzzStateMap", state_map()), ("FuzzPageStore", page_store())]:
+                          ("FuzzStateMap", state_map()), ("FuzzPageStore", page_store()),
+                          ("FuzzSwapSlots", swap_slots())]:
         d = os.path.join(corpus, target)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)

@@ -274,4 +274,24 @@ final class SwapSlotsTests: LazyTestCase {
         XCTAssertEqual(now.readLog.map(\.0), [6 * 4096], "only the late page is read")
         try b.close()
     }
+    func testAnOverwriteBetweenSealAndTheFirstCommitKeepsTheSealedTableOnDisk() throws {
+        var (b, source) = try makeSwap()
+        let key = try b.slots.open(ramFile: "").key
+        XCTAssertNil(b.slots.stagedRAMFile, "an empty RAM file path is none")
+        try write(b, StagingMarker.bytes(page: 0, key: key) + StagingMarker.bytes(page: 1, key: key), slot: 1)
+        _ = try b.slots.seal()
+        try write(b, Wire.pattern(4096, seed: 5), slot: 1)   // before any commit
+        XCTAssertEqual(b.slots.unstagedPages(), [2 ..< 8])
+        try b.flush()
+        try b.close()
+        (b, source) = try makeSwap(source: FakeSource(data: source.data))
+        XCTAssertEqual(b.slots.unstagedPages(), [2 ..< 8], "page 0 was staged: no late-page copy for it")
+        XCTAssertNil(b.slots.page(ofSlot: 1), "the overwritten slot is local: unmapped again")
+        XCTAssertEqual(b.slots.page(ofSlot: 2), 1)
+        XCTAssertEqual(try read(b, slot: 1), Wire.pattern(4096, seed: 5))
+        let c = b.slots.counts()
+        XCTAssertLessThanOrEqual(c.duplicates, c.markersDecoded)
+        XCTAssertTrue(source.readLog.isEmpty)
+        try b.close()
+    }
 }

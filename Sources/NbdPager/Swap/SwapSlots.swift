@@ -14,9 +14,10 @@ import Glibc
 /// After sealing, every write is data and drops the slot's mapping (the kernel reuses freed slots).
 ///
 /// Durability: the table is written to `DIR/slots` (whole file, then rename) whenever it changed,
-/// before the page state commits (`commit()`, called by the lazy export). After sealing the file is
-/// never rewritten: a slot the kernel overwrote is `local` in the page state, which wins over a
-/// mapping left in the file, so a restart serves it from the store, never from the source.
+/// before the page state commits (`commit()`, called by the lazy export). After sealing the table in
+/// the file is the one sealed, for good: a slot the kernel overwrote is only marked overwritten in
+/// memory, and after a restart it is `local` in the page state, which wins over its mapping in the
+/// file (the export unmaps it again), so it is served from the store, never from the source.
 public final class SwapSlots: SourceMapping, @unchecked Sendable {
     public enum Staging: String, Sendable, Codable { case closed, open, sealed }
 
@@ -27,9 +28,11 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
         public var mapped: UInt64
         /// Slots mapped when staging was sealed (0 before).
         public var stagedAtSeal: UInt64
-        /// Markers decoded while staging was open (a slot written twice counts twice).
+        /// Markers decoded while staging was open (a slot written twice counts twice). After a restart:
+        /// the mapped slots plus the duplicates (the markers themselves are not kept).
         public var markersDecoded: UInt64
-        /// Markers naming a source page another slot already stood for.
+        /// Markers naming a source page whose newest earlier marker's slot still stood for it (a
+        /// staged page pushed out twice). After a restart, the count of the sealed table.
         public var duplicates: UInt64
         /// Slots that began with the marker magic but did not authenticate (stored as data).
         public var invalidMarkers: UInt64
@@ -46,6 +49,8 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
     /// Per source page: slot + 1 of the newest marker naming it, 0 = none.
     private var pageToSlot: [UInt32]
     private var staging: Staging
+    /// After sealing: slots the kernel overwrote (their mapping is gone, the sealed table keeps it).
+    private var overwritten: [UInt64] = []
     private var key: StagingMarker.Key?
     private var mapped: UInt64 = 0
     private var stagedAtSeal: UInt64 = 0
@@ -113,7 +118,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
             let k = StagingMarker.Key.random()
             key = k
             staging = .open
-            self.ramFile = ramFile
+            self.ramFile = (ramFile?.isEmpty ?? true) ? nil : ramFile
             dirty = true
             return (k, dropped)
         }
@@ -154,7 +159,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
     /// Records `slot → page` (staging only).
     public func map(slot: UInt64, toPage page: UInt64) {
         lock.withLock {
-            guard slot < slotCount, page < sourcePages else { return }
+            guard staging == .open, slot < slotCount, page < sourcePages else { return }
             unmapLocked(slot)
             let other = pageToSlot[Int(page)]
             if other != 0 && UInt64(other) - 1 != slot && slotToPage[Int(other) - 1] == UInt32(page + 1) {
@@ -178,12 +183,29 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
 
     private func unmapLocked(_ slot: UInt64) {
         let entry = slotToPage[Int(slot)]
-        guard entry != 0 else { return }
-        slotToPage[Int(slot)] = 0
+        guard entry != 0, !isOverwrittenLocked(slot) else { return }
         mapped -= 1
+        if staging == .sealed {
+            // The sealed table stays as it was (the file is not rewritten); the slot's `local` state
+            // overrides its entry after a restart.
+            if overwritten.isEmpty { overwritten = [UInt64](repeating: 0, count: Int((slotCount + 63) / 64)) }
+            overwritten[Int(slot / 64)] |= 1 << (slot % 64)
+            return
+        }
+        slotToPage[Int(slot)] = 0
         if pageToSlot[Int(entry) - 1] == UInt32(slot + 1) { pageToSlot[Int(entry) - 1] = 0 }
-        // After sealing the file keeps the old entry; the slot's `local` state overrides it.
-        if staging != .sealed { dirty = true }
+        dirty = true
+    }
+
+    private func isOverwrittenLocked(_ slot: UInt64) -> Bool {
+        let w = Int(slot / 64)
+        return w < overwritten.count && overwritten[w] & (1 << (slot % 64)) != 0
+    }
+
+    /// The entry of `slot` as it stands now (0: unmapped or overwritten).
+    private func entryLocked(_ slot: UInt64) -> UInt32 {
+        guard slot < slotCount, !isOverwrittenLocked(slot) else { return 0 }
+        return slotToPage[Int(slot)]
     }
 
     public func counts() -> Counts { lock.withLock { countsLocked() } }
@@ -196,8 +218,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
     /// The source page `slot` stands for.
     public func page(ofSlot slot: UInt64) -> UInt64? {
         lock.withLock {
-            guard slot < slotCount else { return nil }
-            let e = slotToPage[Int(slot)]
+            let e = entryLocked(slot)
             return e == 0 ? nil : UInt64(e) - 1
         }
     }
@@ -241,7 +262,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
         lock.withLock {
             var runs: [SourceRun] = []
             for slot in pages {
-                let e = slot < slotCount ? slotToPage[Int(slot)] : 0
+                let e = entryLocked(slot)
                 let offset: UInt64? = e == 0 ? nil : (UInt64(e) - 1) * pageSize
                 if var last = runs.last, last.pages.upperBound == slot {
                     let contiguous: Bool
@@ -270,7 +291,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
             var out: [Range<UInt64>] = []
             for p in first ..< last {
                 let s = pageToSlot[Int(p)]
-                guard s != 0, slotToPage[Int(s) - 1] == UInt32(p + 1) else { continue }
+                guard s != 0, entryLocked(UInt64(s) - 1) == UInt32(p + 1) else { continue }
                 let slot = UInt64(s) - 1
                 if let r = out.last, r.upperBound == slot {
                     out[out.count - 1] = r.lowerBound ..< slot + 1
@@ -375,6 +396,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
                 mapped += 1
             }
         }
+        markersDecoded = mapped + duplicates
         if staging == .sealed { recordStagedSetLocked() }
     }
 
