@@ -105,8 +105,9 @@ struct Marker: ParsableCommand {
             let bytes = StagingMarker.bytes(page: p, key: k)
             var done = 0
             while done < bytes.count {
-                let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + done, $0.count - done) }
-                guard n > 0 else { throw ExitCode(1) }
+                let n = bytes.withUnsafeBytes { raw in raw.baseAddress.map { write(1, $0 + done, raw.count - done) } ?? -1 }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw ValidationError("writing the marker to stdout: \(String(cString: strerror(errno)))") }
                 done += n
             }
         }

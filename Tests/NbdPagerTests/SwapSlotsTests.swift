@@ -272,7 +272,13 @@ final class SwapSlotsTests: LazyTestCase {
         XCTAssertEqual(Array(file[6 * 4096 ..< 7 * 4096]), Wire.pattern(4096, seed: 77))
         XCTAssertEqual(Array(file[2 * 4096 ..< 3 * 4096]), [UInt8](repeating: 0, count: 4096))
         XCTAssertEqual(now.readLog.map(\.0), [6 * 4096], "only the late page is read")
+        b.slots.forgetRAMFile()
+        try b.flush()
         try b.close()
+        let (again, _) = try makeSwap(source: now)
+        XCTAssertNil(again.slots.stagedRAMFile, "after the switch-over a restart never copies into the RAM file again")
+        XCTAssertEqual(try blocking { try await LatePages.copy(slots: again.slots, source: now, pageSize: 4096) }, 0)
+        try again.close()
     }
     func testAnOverwriteBetweenSealAndTheFirstCommitKeepsTheSealedTableOnDisk() throws {
         var (b, source) = try makeSwap()

@@ -19,10 +19,13 @@ extension LazyExport {
             throw PageStoreError.invalidArgument(
                 "--swap-size \(size) is too small for the source's \(source.size) bytes: it needs at least one more page (the swap header), and headroom")
         }
-        if resetStore { unlink(store + "/slots") }
         let pages = try PageStore.open(directory: store, size: size, pageSize: pageSize,
                                        identity: self.source + " (swap slots)", reset: resetStore)
         do {
+            // (after the store's lock is held: a store in use by another daemon is left alone)
+            if resetStore, unlink(store + "/slots") != 0, errno != ENOENT {
+                throw SystemError("remove \(store)/slots", errno: errno)
+            }
             let slots = try SwapSlots(directory: store, slotCount: pages.pageCount, sourceSize: source.size, pageSize: pageSize)
             return (pages, slots)
         } catch {
@@ -92,6 +95,9 @@ extension LazyOpenedExport {
         let started = ContinuousClock.now
         let copied = try waitForAsync { try await LatePages.copy(slots: slots, source: source, pageSize: pageSize) }
         latePages = copied
+        // Once only: the destination runs on the file after this switch-over.
+        slots.forgetRAMFile()
+        try lazy.commit()
         logger.info("late-page check: \(copied) source pages that were zero at staging no longer are (copied into the RAM file); \(ContinuousClock.now - started)")
         return copied
     }

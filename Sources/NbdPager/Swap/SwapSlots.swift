@@ -144,6 +144,17 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
 
     public var stagedRAMFile: String? { lock.withLock { ramFile } }
 
+    /// Forgets the staged RAM file once its late pages were copied (the switch-over): a gate opened
+    /// again after a restart must not copy into a file the running guest owns. Durable at the next
+    /// commit.
+    public func forgetRAMFile() {
+        lock.withLock {
+            guard ramFile != nil else { return }
+            ramFile = nil
+            dirty = true
+        }
+    }
+
     /// Decodes one 4 KiB slot of a WRITE while staging is open; nil when staging is not open.
     public func decode(_ slot: UnsafeRawBufferPointer) -> StagingMarker.Decoded? {
         guard let key = openKey else { return nil }
