@@ -167,10 +167,12 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
         return d
     }
 
-    /// Records `slot → page` (staging only).
-    public func map(slot: UInt64, toPage page: UInt64) {
+    /// Records `slot → page` (staging only). False when staging is not open any more (sealed
+    /// between decoding and mapping): the slot is then data.
+    @discardableResult
+    public func map(slot: UInt64, toPage page: UInt64) -> Bool {
         lock.withLock {
-            guard staging == .open, slot < slotCount, page < sourcePages else { return }
+            guard staging == .open, slot < slotCount, page < sourcePages else { return false }
             unmapLocked(slot)
             let other = pageToSlot[Int(page)]
             if other != 0 && UInt64(other) - 1 != slot && slotToPage[Int(other) - 1] == UInt32(page + 1) {
@@ -181,6 +183,7 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
             mapped += 1
             markersDecoded += 1
             dirty = true
+            return true
         }
     }
 

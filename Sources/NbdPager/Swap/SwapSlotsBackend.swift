@@ -58,15 +58,22 @@ public final class SwapSlotsBackend: BlockBackend, @unchecked Sendable {
             if case .marker(let page)? = slots.decode(slotBytes) {
                 try flushData(upTo: pos)
                 let slot = at / pageSize
-                try lazy.lazyStore.restage(slot ..< slot + 1) {
-                    slots.map(slot: slot, toPage: page)
+                do {
+                    try lazy.lazyStore.restage(slot ..< slot + 1) {
+                        guard slots.map(slot: slot, toPage: page) else { throw SealedMeanwhile() }
+                    }
+                    dataStart = pos + Int(pageSize)
+                } catch is SealedMeanwhile {
+                    // sealed since the decode: this slot is data, the start of the next data run
+                    dataStart = pos
                 }
-                dataStart = pos + Int(pageSize)
             }
             pos += Int(pageSize)
         }
         try flushData(upTo: buffer.count)
     }
+
+    private struct SealedMeanwhile: Error {}
 
     public func flush() throws { try lazy.flush() }
 
