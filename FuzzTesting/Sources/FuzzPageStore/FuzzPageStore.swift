@@ -27,7 +27,7 @@ let defaultIdentity = "nbd+unix:///disk?socket=/run/source.sock"
 
 /// One store directory per process (libFuzzer's -fork/-jobs workers run side by side).
 let storeDirectory: String = {
-    var base = ProcessInfoLite.environment("NBD_FUZZ_STORE_DIR") ?? "/dev/shm"
+    var base = environment("NBD_FUZZ_STORE_DIR") ?? "/dev/shm"
     if access(base, W_OK) != 0 { base = "/tmp" }
     let dir = "\(base)/nbd-umemd-fuzz-store.\(getpid())"
     mkdir(dir, 0o700)
@@ -38,35 +38,6 @@ let storeDirectory: String = {
     }
     return dir
 }()
-
-enum ProcessInfoLite {
-    static func environment(_ name: String) -> String? {
-        guard let v = getenv(name) else { return nil }
-        return String(cString: v)
-    }
-}
-
-func le<T: FixedWidthInteger>(_ bytes: [UInt8], _ offset: Int, _: T.Type) -> T {
-    var v: T = 0
-    for i in 0 ..< MemoryLayout<T>.size where offset + i < bytes.count {
-        v |= T(bytes[offset + i]) << (i * 8)
-    }
-    return v
-}
-
-func putLE<T: FixedWidthInteger>(_ bytes: inout [UInt8], _ offset: Int, _ value: T) {
-    for i in 0 ..< MemoryLayout<T>.size where offset + i < bytes.count {
-        bytes[offset + i] = UInt8(truncatingIfNeeded: value >> (i * 8))
-    }
-}
-
-func writeFile(_ path: String, _ bytes: [UInt8]) {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    require(fd >= 0, "cannot create \(path): errno \(errno)")
-    let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-    require(n == bytes.count, "short write to \(path)")
-    close(fd)
-}
 
 /// The geometry and identity to open with.
 struct Wanted {
