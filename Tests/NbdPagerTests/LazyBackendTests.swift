@@ -26,13 +26,14 @@ class LazyTestCase: XCTestCase {
     func makeBackend(pages: Int, zeroRanges: [Range<UInt64>] = [], fetchSize: UInt64 = 4096,
                      callsOnArrival: Bool = false, gated: Bool = false,
                      maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
-                     closeDrainTimeout: Duration = .seconds(2)) throws -> (LazyBackend, FakeSource) {
+                     closeDrainTimeout: Duration = .seconds(2), missWindow: UInt64 = 0) throws -> (LazyBackend, FakeSource) {
         let bytes = fakeImage(pages: pages, zeroRanges: zeroRanges)
         let source = FakeSource(data: bytes, zeroRanges: zeroRanges, callsOnArrival: callsOnArrival)
         let store = try PageStore.open(directory: dir, size: source.size, identity: "fake", reset: false)
         return (LazyBackend(store: store, source: source, fetchSize: fetchSize, logger: Logger(label: "test"),
                             eventLoop: loop, threadPool: lazyTestPool,
-                            maxBytesInFlight: maxBytesInFlight, gated: gated, closeDrainTimeout: closeDrainTimeout), source)
+                            maxBytesInFlight: maxBytesInFlight, gated: gated, closeDrainTimeout: closeDrainTimeout,
+                            missWindow: missWindow), source)
     }
 
     func readAll(_ backend: LazyBackend, offset: UInt64, length: Int,
@@ -57,6 +58,22 @@ class LazyTestCase: XCTestCase {
 }
 
 final class LazyBackendTests: LazyTestCase {
+    func testWhileTheBackgroundRunsAMissPullsItsMissWindow() throws {
+        // 64 KiB fetch windows; while a background pull runs, misses pull only their pages, widened
+        // to the aligned 32 KiB miss window (absent pages only).
+        let (backend, source) = try makeBackend(pages: 32, fetchSize: 65536, missWindow: 32768)
+        backend.setDemandPagesOnly(true)
+        XCTAssertEqual(try readAll(backend, offset: 9 * 4096, length: 4096), Array(source.data[9 * 4096 ..< 10 * 4096]))
+        XCTAssertEqual(source.readLog.map(\.0), [8 * 4096], "one read of the window of pages 8-15")
+        XCTAssertEqual(source.readLog.map(\.1), [32768])
+        XCTAssertEqual(try readAll(backend, offset: 17 * 4096, length: 4096), Array(source.data[17 * 4096 ..< 18 * 4096]))
+        XCTAssertEqual(source.readLog.map(\.0), [8 * 4096, 16 * 4096])
+        backend.setDemandPagesOnly(false)
+        XCTAssertEqual(try readAll(backend, offset: 1 * 4096, length: 4096), Array(source.data[4096 ..< 8192]))
+        XCTAssertEqual(source.readLog.last.map(\.1), 32768, "the 64 KiB fetch window 0-15, less the 8 present pages")
+        try backend.close()
+    }
+
     func testMissPullsOnceAndRereadIsLocal() throws {
         let (backend, source) = try makeBackend(pages: 16)
         let page3 = Array(source.data[3 * 4096 ..< 4 * 4096])

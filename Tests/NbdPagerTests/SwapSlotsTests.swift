@@ -280,6 +280,39 @@ final class SwapSlotsTests: LazyTestCase {
         XCTAssertEqual(try blocking { try await LatePages.copy(slots: again.slots, source: now, pageSize: 4096) }, 0)
         try again.close()
     }
+    func testACheckThatFoundNoLatePagesWritesNothingWhenRunAgainAfterARestart() throws {
+        // The gate-open check found no late page, so its forgetting of the RAM file was not made
+        // durable before the reply; a restart brings the path back. The guest has written into a
+        // hole since: a second check against the same stopped source must not touch it.
+        let zeros: [Range<UInt64>] = [2 * 4096 ..< 3 * 4096, 6 * 4096 ..< 7 * 4096]
+        let image = fakeImage(pages: 8, zeroRanges: zeros)
+        let ram = dir + "-ram"
+        FileManager.default.createFile(atPath: ram, contents: Data(count: 8 * 4096))
+        defer { try? FileManager.default.removeItem(atPath: ram) }
+        let (b, _) = try makeSwap(source: FakeSource(data: image, zeroRanges: zeros))
+        let key = try b.slots.open(ramFile: ram).key
+        for p in [0, 1, 3, 4, 5, 7] { try write(b, StagingMarker.bytes(page: UInt64(p), key: key), slot: UInt64(p + 1)) }
+        _ = try b.slots.seal()
+        try b.flush()
+        let source = FakeSource(data: image, zeroRanges: zeros)
+        let slots = b.slots
+        XCTAssertEqual(try blocking { try await LatePages.copy(slots: slots, source: source, pageSize: 4096) }, 0)
+        // the daemon stops before its forgetting of the path is committed: on disk the path stays
+        try b.close()
+        let fd = open(ram, O_WRONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        let guest = Wire.pattern(4096, seed: 9)
+        XCTAssertEqual(guest.withUnsafeBytes { pwrite(fd, $0.baseAddress, 4096, 2 * 4096) }, 4096)
+        close(fd)
+        let (again, _) = try makeSwap(source: source)
+        XCTAssertEqual(again.slots.stagedRAMFile, ram, "the forgetting was not durable")
+        XCTAssertEqual(try blocking { try await LatePages.copy(slots: again.slots, source: source, pageSize: 4096) }, 0)
+        let file = try XCTUnwrap(FileManager.default.contents(atPath: ram))
+        XCTAssertEqual(Array(file[2 * 4096 ..< 3 * 4096]), guest, "the guest's page is untouched")
+        XCTAssertEqual(source.readLog.count, 0, "no source page is read")
+        try again.close()
+    }
+
     func testAnOverwriteBetweenSealAndTheFirstCommitKeepsTheSealedTableOnDisk() throws {
         var (b, source) = try makeSwap()
         let key = try b.slots.open(ramFile: "").key

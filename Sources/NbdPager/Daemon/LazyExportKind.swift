@@ -91,7 +91,8 @@ public struct LazyExport: ExportKind {
         let lazy = LazyBackend(store: pages, source: remote, fetchSize: fetchSize, logger: logger,
                                eventLoop: context.runtime.eventLoopGroup.next(), threadPool: pool,
                                mapping: slots ?? IdentityMapping(), backgroundSource: background, gated: gated,
-                               completionArmed: slots.map { $0.stagingState == .sealed } ?? true)
+                               completionArmed: slots.map { $0.stagingState == .sealed } ?? true,
+                               missWindow: slots == nil ? 0 : Self.swapMissWindow)
         if let slots {
             do {
                 try Self.settleSwapStore(lazy, slots: slots, logger: logger)

@@ -57,13 +57,15 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
 
     /// - Parameters:
     ///   - storeWriter: the one thread that stores large pulls; nil: the export starts its own.
+    ///   - missWindow: while a background pull runs, a demand miss pulls the absent pages of the
+    ///     aligned window of this size around what was asked (0: only the pages asked for).
     public init(store: PageStore, source: any RemoteSource, fetchSize: UInt64, logger: Logger,
                 eventLoop: any EventLoop, threadPool: NIOThreadPool,
                 mapping: any SourceMapping = IdentityMapping(),
                 maxBytesInFlight: UInt64 = LazyBackend.defaultMaxBytesInFlight,
                 backgroundSource: (any RemoteSource)? = nil, gated: Bool = false,
                 storeWriter: NIOThreadPool? = nil, closeDrainTimeout: Duration = .seconds(2),
-                completionArmed: Bool = true) {
+                completionArmed: Bool = true, missWindow: UInt64 = 0) {
         self.store = store
         self.closeDrainTimeout = closeDrainTimeout
         self.mapping = mapping
@@ -82,7 +84,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         self.lazyStore = LazyStore(store: store, completionArmed: completionArmed) { completion.fire() }
         self.engine = PullEngine(store: lazyStore, mapping: mapping, source: source, backgroundSource: backgroundSource,
                                  fetchSize: fetchSize, maxBytesInFlight: maxBytesInFlight, gated: gated,
-                                 storeWriter: self.storeWriter)
+                                 storeWriter: self.storeWriter, missWindow: missWindow)
         self.capabilities = BackendCapabilities(
             writable: true, canTrim: true, canZero: true, canFastZero: true, canCache: true,
             canMultiConn: true, inlineSafe: false, pendingReads: true)
@@ -190,7 +192,7 @@ public final class LazyBackend: BlockBackend, @unchecked Sendable {
         }
     }
 
-    private func commitInBackground() {
+    func commitInBackground() {
         guard !closed.load(ordering: .relaxed),
               commitRunning.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
         periodicCommits.wrappingIncrement(ordering: .relaxed)

@@ -36,6 +36,9 @@ final class PullEngine: @unchecked Sendable {
     /// The fetch window demand misses use now: `fetchSize`, or one page while a background pull brings
     /// the neighbours (a miss then moves only what the client waits for over the link).
     private let demandFetchSize: ManagedAtomic<UInt64>
+    /// What a demand miss pulls while a background pull runs: its own pages, widened to this aligned
+    /// window (a page; a swap export: the kernel's swap read-ahead cluster).
+    let missWindow: UInt64
     /// Stores large pulls: one thread, since buffered writes to one file serialize on its inode lock anyway.
     private let storeWriter: NIOThreadPool
 
@@ -73,13 +76,14 @@ final class PullEngine: @unchecked Sendable {
 
     init(store: any PullStore, mapping: any SourceMapping, source: any RemoteSource,
          backgroundSource: (any RemoteSource)?, fetchSize: UInt64, maxBytesInFlight: UInt64,
-         gated: Bool, storeWriter: NIOThreadPool) {
+         gated: Bool, storeWriter: NIOThreadPool, missWindow: UInt64 = 0) {
         let pageSize = store.geometry.pageSize
         self.store = store
         self.mapping = mapping
         self.source = source
         self.backgroundSource = backgroundSource
         self.fetchSize = max(fetchSize, pageSize)
+        self.missWindow = max(missWindow, pageSize)
         self.demandFetchSize = ManagedAtomic(max(fetchSize, pageSize))
         self.maxBytesInFlight = maxBytesInFlight
         self.maxPullPages = max(Self.maxPullLength, self.fetchSize) / pageSize
@@ -295,10 +299,10 @@ final class PullEngine: @unchecked Sendable {
 
     // MARK: demand misses
 
-    /// Demand misses pull only the pages asked for (`true`, while a background pull brings the rest)
-    /// or whole `fetchSize` windows (`false`).
+    /// Demand misses pull only the pages asked for, in `missWindow` windows (`true`, while a
+    /// background pull brings the rest) or whole `fetchSize` windows (`false`).
     func setDemandPagesOnly(_ pagesOnly: Bool) {
-        demandFetchSize.store(pagesOnly ? geometry.pageSize : fetchSize, ordering: .relaxed)
+        demandFetchSize.store(pagesOnly ? missWindow : fetchSize, ordering: .relaxed)
     }
 
     func setDemandObserver(_ o: (any DemandObserver)?) { observer.withLockedValue { $0 = o } }
