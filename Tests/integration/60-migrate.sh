@@ -10,7 +10,7 @@
 
 r() { json_get "$T/$1.json" "j[\"$2\"]"; }
 
-migration gated --mem 192 --link-rate 200mbit --keep 10
+migration gated --mode file --mem 192 --link-rate 200mbit --keep 10
 assert_eq "status" '"completed"' "$(r gated status)"
 assert_eq "data errors on the destination" 0 "$(r gated data_errors)"
 [ "$(r gated destination_resume_ms)" != null ] || fail "the destination never resumed"
@@ -24,7 +24,7 @@ grep -q 'every page local after' "$T/gated.out" || fail "no 'every page local' s
 ! pgrep -f "umemd-vm-.*\.ram --readonly" >/dev/null || fail "a source export is still running"
 say "gated: downtime $(r gated downtime_ms) ms, resume $(r gated destination_resume_ms) ms, all local $(r gated all_ram_local_ms) ms, $(r gated bytes_sent) bytes"
 
-migration ungated --mem 192 --link-rate 200mbit --keep 3 --ungated
+migration ungated --mode file --mem 192 --link-rate 200mbit --keep 3 --ungated
 errors=$(r ungated data_errors)
 say "ungated control: $errors data errors"
 [ "$errors" -gt 0 ] || fail "without the gate the guest saw no stale page: this test could not tell the gate works"

@@ -5,7 +5,7 @@
 # verification errors; the destination daemon reports the outage and the recovery.
 . "$(dirname "$0")/lib.sh"
 
-migration mig --mem 192 --link-rate 100mbit --source-outage 5@1 --keep 3
+migration mig --mode file --mem 192 --link-rate 100mbit --source-outage 5@1 --keep 3
 r() { json_get "$T/mig.json" "j[\"$1\"]"; }
 assert_eq "status" '"completed"' "$(r status)"
 assert_eq "data errors" 0 "$(r data_errors)"

@@ -4,8 +4,8 @@
 # attached device, no store, no QEMU.
 . "$(dirname "$0")/lib.sh"
 
-migrate_vm mig --mem 192 --fail-dest
-[ "$MIG_RC" -ne 0 ] || fail "migrate-vm --fail-dest exited 0"
+migrate_vm mig --mode file --mem 192 --fail-dest
+[ "$MIG_RC" -ne 0 ] || fail "migrate-vm --mode file --fail-dest exited 0"
 grep -q 'error before the switch-over: the destination QEMU exited' "$T/mig.out" || fail "no clear error about the destination QEMU"
 [ -s "$T/mig/report.json" ] || fail "no report.json"
 r() { json_get "$T/mig/report.json" "$1"; }

@@ -3,17 +3,19 @@
 scripts/umemd_harness/vm.py for scripts/migrate-vm; also a command line:
 
     qmp.py migrate SRC.qmp DST.qmp URI [--gate-socket CTL] [--caps CAP,...] [--params JSON] [--postcopy]
-                   [--pause-before-switchover]
+                   [--resume-destination]
         Sets the capabilities (and migration parameters) on both sides, starts `migrate URI` on the
         source (then at once `migrate-start-postcopy` with --postcopy), opens the destination
         daemon's pull gate (`gate open` on its control socket CTL) the moment the source reports STOP,
         waits for the migration
         to complete, and prints a JSON report with the timings (ms from `migrate`: source STOP,
-        destination RESUME, completion) and QEMU's own figures (total-time, downtime, bytes).
-        --pause-before-switchover sets that capability on the source: after STOP the source waits
-        in the `pre-switchover` state until the gate-open reply is in, then `migrate-continue`
-        lets it hand over (the destination cannot run before the gate has opened; QEMU's downtime
-        includes the gate-open step).
+        destination RESUME, completion), QEMU's own figures (total-time, downtime, bytes) and the
+        guest's downtime (the destination's RESUME event minus the source's STOP event, both
+        stamped by QEMU).
+        --resume-destination is for a destination QEMU started with -S (as libvirt does): the gate
+        opens while the source sends its device state, and once both are done `cont` starts the
+        destination (it cannot run before the gate has opened). If the gate does not open, the
+        migration is cancelled, or (when the source had already completed) the source continued.
     qmp.py cmd SOCK COMMAND [JSON-ARGS]    one command, its return value printed as JSON
 """
 import json
@@ -129,28 +131,56 @@ def open_gate(gate_socket):
     return reply
 
 
-def _cancel(src):
-    """migrate_cancel on the source (a source paused in pre-switchover resumes its VM then)."""
+def _prefetch(gate_socket, action):
+    """`prefetch pause|resume` on the destination daemon (a daemon without a background pull says
+    so: nothing to hold then)."""
     try:
-        src.cmd("migrate_cancel")
-    except (RuntimeError, OSError):
+        control(gate_socket, {"command": "prefetch", "action": action})
+    except (OSError, ValueError):
         pass
 
 
+def _cancel(src):
+    """Gives the VM back to the source: migrate_cancel while its migration runs (the source VM resumes
+    by itself then), `cont` once it has completed (a source in postmigrate continues)."""
+    for _ in range(1000):
+        try:
+            status = src.cmd("query-migrate").get("status")
+            if status in ("completed", "failed", "cancelled", None):
+                if src.cmd("query-status").get("status") != "running":
+                    src.cmd("cont")
+                return
+            if status != "cancelling":
+                src.cmd("migrate_cancel")
+        except (RuntimeError, OSError):
+            return
+        time.sleep(0.01)
+
+
+def qemu_time(event):
+    """The time QEMU stamped on an event (s), or None."""
+    t = event.get("timestamp") or {}
+    return t["seconds"] + t["microseconds"] / 1e6 if "seconds" in t else None
+
+
 def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",), postcopy=False, params=None,
-            pause_before_switchover=False):
+            resume_destination=False):
     src, dst = QMP(src_path), QMP(dst_path)
     for q in (src, dst):
         q.cmd("migrate-set-capabilities",
               capabilities=[{"capability": c, "state": True} for c in caps if c])
         if params:
             q.cmd("migrate-set-parameters", **params)
-    if pause_before_switchover:
-        # a source-side capability: the source stops the VM, then waits for migrate-continue
-        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
-    report = {"uri": uri, "capabilities": [c for c in caps if c] + (["pause-before-switchover"] if pause_before_switchover
-                                                                     else []),
-              "parameters": params or {}}
+    report = {"uri": uri, "capabilities": [c for c in caps if c], "parameters": params or {},
+              "resume_destination": resume_destination}
+    if resume_destination:
+        # the destination's MIGRATION events say when it has loaded the state (no polling while the
+        # two QEMUs complete)
+        dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    if resume_destination and gate_socket:
+        # The destination's background pull waits until it runs (below): until then the source is
+        # still completing and the two hosts' cores are better left to it.
+        _prefetch(gate_socket, "pause")
     t0 = time.time()
     report["migrate_started_at"] = t0
     src.cmd("migrate", uri=uri)
@@ -162,31 +192,32 @@ def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",)
         try:
             reply = open_gate(gate_socket)
         except RuntimeError:
-            if pause_before_switchover:
+            if resume_destination:
                 _cancel(src)
             raise
         report["gate_open_ms"] = round((time.time() - t0) * 1000, 1)
         report["gate_reply"] = reply
         if "late_pages" in reply:
             report["late_pages"] = reply["late_pages"]
-    if pause_before_switchover:
-        # The STOP event comes just before the source enters pre-switchover, and migrate-continue
-        # is refused in any other state. By the time the gate has opened the source is there as a
-        # rule, so continue at once (no extra round trip in the downtime); if it is refused, wait
-        # for the state and try again.
+    if resume_destination:
+        # The destination (-S) has loaded the device state once its side of the migration completes;
+        # `cont` starts it. Until then the source can still take the VM back.
         deadline = time.time() + 600
         while True:
-            try:
-                src.cmd("migrate-continue", state="pre-switchover")
+            status = dst.cmd("query-migrate").get("status")
+            if status == "completed":
                 break
-            except RuntimeError as e:
-                status = src.cmd("query-migrate").get("status")
-                if status in ("completed", "failed", "cancelled") or time.time() > deadline:
-                    _cancel(src)
-                    raise RuntimeError("the source did not pause before the switch-over (status %s): %s" % (status, e))
-                if status != "pre-switchover":
-                    time.sleep(0.001)
+            if status in ("failed", "cancelled") or time.time() > deadline:
+                _cancel(src)
+                raise RuntimeError("the destination did not load the migration (status %s)" % status)
+            try:
+                dst.wait_event(["MIGRATION"], max(0.001, deadline - time.time()))
+            except RuntimeError:
+                pass
+        dst.cmd("cont")
         report["continue_ms"] = round((time.time() - t0) * 1000, 1)
+        if gate_socket:
+            _prefetch(gate_socket, "resume")
     # Poll the source until the migration ends, reading the destination's events as they come (its
     # RESUME comes long before the end of a post-copy migration).
     while True:
@@ -199,8 +230,10 @@ def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",)
     if info.get("status") != "completed":
         report["error"] = info.get("error-desc", "migration " + str(info.get("status")))
         return report
-    resumed = dst.event_time("RESUME") or dst.wait_event(["RESUME"], 600)["host_time"]
-    report["destination_resume_ms"] = round((resumed - t0) * 1000, 1)
+    resumed = next((e for e in dst.events if e["event"] == "RESUME"), None) or dst.wait_event(["RESUME"], 600)
+    report["destination_resume_ms"] = round((resumed["host_time"] - t0) * 1000, 1)
+    a, b = qemu_time(stop), qemu_time(resumed)
+    report["guest_downtime_ms"] = round((b - a) * 1000, 2) if a is not None and b is not None else None
     if postcopy:
         # The destination has all RAM once its own side of the migration completes.
         while dst.cmd("query-migrate").get("status") not in ("completed", "failed", None):
@@ -216,7 +249,7 @@ def migrate(src_path, dst_path, uri, gate_socket=None, caps=("x-ignore-shared",)
 
 def main(argv):
     if len(argv) >= 5 and argv[1] == "migrate":
-        caps, postcopy, params, gate_socket, pause = ["x-ignore-shared"], False, None, None, False
+        caps, postcopy, params, gate_socket, resume = ["x-ignore-shared"], False, None, None, False
         rest = argv[5:]
         while rest:
             a = rest.pop(0)
@@ -228,12 +261,12 @@ def main(argv):
                 params = json.loads(rest.pop(0))
             elif a == "--postcopy":
                 postcopy = True
-            elif a == "--pause-before-switchover":
-                pause = True
+            elif a == "--resume-destination":
+                resume = True
             else:
                 sys.exit("qmp.py: unknown option %s" % a)
         try:
-            report = migrate(argv[2], argv[3], argv[4], gate_socket, caps, postcopy, params, pause)
+            report = migrate(argv[2], argv[3], argv[4], gate_socket, caps, postcopy, params, resume)
         except RuntimeError as e:
             report = {"status": "error", "error": str(e)}
         print(json.dumps(report))

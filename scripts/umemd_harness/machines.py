@@ -52,6 +52,12 @@ class HostPair:
                   and _run(["ip", "-n", h.ns, "link", "set", "lo", "up"]))
             if not ok:
                 die("cannot set up %s in %s" % (h.dev, h.ns))
+        # Both hosts, every mode: a connection that idled (QEMU's migration stream between setup and
+        # STOP, an NBD connection between misses) keeps its congestion window, and starts with a
+        # send buffer that takes the device state at STOP without blocking (BENCHMARKS.md).
+        for h in (self.src, self.dst):
+            _run(h.cmd(["sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0"]))
+            _run(h.cmd(["sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 1048576 4194304"]))
         if self.rate:
             for h in (self.src, self.dst):
                 if not _run(h.cmd(["tc", "qdisc", "add", "dev", h.dev, "root", "tbf", "rate", self.rate, "burst", "256kb",

@@ -11,7 +11,7 @@ from .common import Fatal, build_no_hugepage, build_release, die, ensure_package
 USAGE = """\
 Usage: scripts/migrate-vm [--mode file|swap|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S]
                           [--keep S] [--link-rate RATE] [--link-delay MS] [--prefetch MODE]
-                          [--source-outage S[@AFTER]] [--fail-dest] [--ungated] [--dir DIR]
+                          [--source-outage S[@AFTER]] [--fail-dest] [--fail-gate] [--ungated] [--dir DIR]
 
 Boots a test VM (Debian's kernel, a busybox initramfs running `nbd-mmap work`, which verifies and
 rewrites a working set of --work MiB continuously and prints its progress on the serial console)
@@ -40,10 +40,12 @@ swap: post-copy through swap; at the end the VM depends on nothing
   `scripts/attach --swap`, mkswap and swapon -p 32767 (system-wide swap while it is on); then
   `nbd-umemd stage --ram /dev/shm/RAMFILE-dst` creates the destination's RAM file on tmpfs and stages
   every non-zero page of it as already swapped out, to a slot the daemon maps to the source page.
-  The destination QEMU (stock, no wrapper) maps that tmpfs file (memory-backend-file share=on);
-  x-ignore-shared on both sides and pause-before-switchover on the source: on the source's STOP the
-  gate opens (pages that turned non-zero since staging are copied straight into the RAM file: the
-  reply's late_pages), then migrate-continue lets the source hand over. The guest's first touch of
+  The destination QEMU (stock, no wrapper) maps that tmpfs file (memory-backend-file share=on) and
+  starts with -S (as libvirt starts a destination); x-ignore-shared on both sides. On the source's
+  STOP the gate opens while the device state goes over (pages that turned non-zero since staging
+  are copied straight into the RAM file: the reply's late_pages); once both are done, `cont` starts
+  the destination. If the gate does not open, the source gets the VM back (migrate_cancel, or
+  `cont` once its side has completed) and the destination never ran. The guest's first touch of
   a page is a swap-in that the daemon serves from the source; its background pull brings the rest.
   Once every slot is local the source is shut down, then swapoff reads the slots still swapped out
   (from the local store), the device is detached, the daemon stopped and the store removed. What is
@@ -56,7 +58,8 @@ precopy, postcopy: the same VM migrated the way QEMU does on its own, for compar
   once (userfaultfd on the destination). max-bandwidth is raised to 10 GB/s in both, so only the link
   limits them.
 
-The report is one `REPORT {json}` line (also in DIR/report.json): downtime, destination resume, first
+The report is one `REPORT {json}` line (also in DIR/report.json): downtime (QEMU's, and the guest's:
+the destination's RESUME minus the source's STOP, both as QEMU stamped them), destination resume, first
 progress on the destination, all RAM local, source gone, bytes and packets on the link, demand misses,
 the guest's rate before/during/after and over time, data errors; and for the nbd-umemd modes the NBD
 writes the destination daemon served after completion; for swap mode also staging_ms (and its
@@ -86,6 +89,9 @@ SIGTERM) turns off a swap device this run turned on.
                        the switch-over, restart it S s later: the guest stalls on missing pages, then
                        continues
   --fail-dest          make the destination QEMU fail to start (tests the undo path)
+  --fail-gate          swap mode: make the gate open at the switch-over fail (the harness's own
+                       control socket refuses it after 0.5 s; tests giving the VM back to a source
+                       that has already sent everything)
   --ungated            (tests only, file mode) no pull gate: the destination pulls while the source
                        VM still runs, which is what the gate exists to prevent (expect data errors)
   --dir DIR            working directory (default: a new one under /tmp, removed unless --keep-dir)
@@ -98,12 +104,14 @@ off and a memory cgroup controller (the stager checks).
 class Options:
     mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "file", "256", "", "", "64", False, "3", "10"
     link_rate, link_delay, prefetch, outage, fail_dest, ungated, dir, keep_dir = "", "", "adaptive", "", False, False, "", False
+    fail_gate = False
 
 
 VALUED = {"--mode": "mode", "--mem": "mem", "--work": "work", "--run-before": "run_before", "--keep": "keep",
           "--link-rate": "link_rate", "--link-delay": "link_delay", "--prefetch": "prefetch", "--dest-args": "dest_args",
           "--read-ahead": "read_ahead", "--source-outage": "outage", "--dir": "dir"}
-FLAGS = {"--thp": "thp", "--fail-dest": "fail_dest", "--ungated": "ungated", "--keep-dir": "keep_dir"}
+FLAGS = {"--thp": "thp", "--fail-dest": "fail_dest", "--fail-gate": "fail_gate", "--ungated": "ungated",
+         "--keep-dir": "keep_dir"}
 
 
 def parse(argv):
@@ -142,6 +150,8 @@ def parse(argv):
             die("--ungated applies to --mode file only")
     elif o.mode != "file":
         die("--mode must be file (or umemd), swap, precopy or postcopy")
+    if o.fail_gate and o.mode != "swap":
+        die("--fail-gate applies to --mode swap only")
     if o.prefetch not in ("adaptive", "sequential", "off"):
         die("--prefetch must be adaptive, sequential or off")
     if o.link_delay and not re.fullmatch(r"[0-9]+", o.link_delay):

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,8 +47,9 @@ EXPORT_PORT, PROXY_PORT, MIG_PORT = 10809, 10810, 4444
 FAST = {"max-bandwidth": 10000000000}
 # vm.page-cluster while swap mode's swapoff runs (see Migration.swapoff)
 SWAPOFF_PAGE_CLUSTER = 7
-# swap mode: swapoff starts once the background pull reports this much progress (see start_swapoff)
-SWAPOFF_AT_PROGRESS = 0.5
+# swap mode: swapoff starts once the destination daemon expects its background pull to end within
+# this many seconds (its status's eta_seconds; see start_swapoff)
+SWAPOFF_LEAD_S = 1.0
 LAZY_MODES = ("file", "swap")      # the modes whose RAM follows through nbd-umemd
 SWAP_HEADROOM_MIB = 64             # swap mode: the swap export is the guest RAM plus this much
 SWAP_PRIORITY = 32767              # swapon -p: the highest, so the kernel uses this device first
@@ -218,14 +220,17 @@ class Migration:
     def stop_dst_qemu(self):
         if self.dst_qemu is None:
             return
+        timeout = 10
         if self.swap:
-            stuck = self.unstick_swap_in
+            # a QEMU stuck in a swap-in (at the closed gate) does not exit on SIGTERM; the destination
+            # is thrown away, nothing of it is worth a longer wait
+            stuck, timeout = self.unstick_swap_in, 2
         else:
             # A QEMU that ignores SIGTERM is stuck in a read of its RAM device that the daemon holds
             # (at a closed gate, or from a source that is gone): the daemon is killed too, the read
             # fails and QEMU can exit.
             stuck = self.dst_daemon.kill if self.dst_daemon is not None else None
-        self.dst_qemu.stop(quiet=True, stuck=stuck)
+        self.dst_qemu.stop(timeout=timeout, quiet=True, stuck=stuck)
         self.dst_qemu = None
 
     def unstick_swap_in(self):
@@ -432,8 +437,9 @@ class Migration:
                     return vm.qmp_cmd(self.path("src.qmp"), name, **args)
                 except (RuntimeError, OSError):
                     return {}
-            # A source paused in pre-switchover (swap mode) or still migrating: cancel the migration
-            # (the source VM resumes by itself then).
+            # A source still migrating: cancel the migration (the source VM resumes by itself then);
+            # one whose migration completed (swap mode: the destination, started with -S, never ran)
+            # is continued below.
             if (qmp("query-migrate") or {}).get("status") in ("setup", "active", "pre-switchover", "device"):
                 qmp("migrate_cancel")
                 for _ in range(100):
@@ -441,20 +447,70 @@ class Migration:
                                                                             "cancelling"):
                         break
                     time.sleep(0.1)
+            source_migration = (qmp("query-migrate") or {}).get("status")
             st = qmp("query-status")
             if '"running"' not in json.dumps(st):
                 qmp("cont")
             st = qmp("query-status")
-            say("the source VM is still there: %s; destination removed (no daemon, device, swap, store or QEMU left)"
-                % json.dumps(st))
+            progress_ms = self.source_progress_after(time.time(), 5)
+            say("the source VM is still there: %s (its migration %s; progress %s); destination removed (no daemon, "
+                "device, swap, store or QEMU left)" % (json.dumps(st), source_migration,
+                                                       "%d ms later" % progress_ms if progress_ms is not None else "none"))
             with open(self.path("report.json"), "w") as f:
                 f.write(json.dumps({"status": "failed-before-switchover", "mode": self.o.mode, "error": msg,
-                                    "source_vm": st, "destination_leftovers": self.destination_leftovers(),
+                                    "source_vm": st, "source_migration": source_migration,
+                                    "source_progress_after_ms": progress_ms,
+                                    "destination_leftovers": self.destination_leftovers(),
                                     "swap_devices": sorted(self.swap_devices),
                                     "destination_ram_file": self.dst_ramfile}) + "\n")
         sys.stdout.write(read_text(self.path("report.json")))
         sys.stdout.flush()
         raise FailedBeforeSwitch(msg)
+
+    def refusing_gate(self):
+        """--fail-gate: a control socket that refuses every request, `gate open` after 0.5 s (the
+        source has sent everything by then): stands for a destination daemon whose late-page copy
+        fails. Its path."""
+        path = self.path("refusing.ctl")
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        srv.listen(4)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    try:
+                        request = json.loads(conn.recv(65536).decode("utf-8", "replace") or "{}")
+                    except ValueError:
+                        request = {}
+                    if request.get("command") == "gate":
+                        time.sleep(0.5)
+                    what = request.get("command", "request")
+                    conn.sendall(b'{"ok": false, "error": "%s refused (migrate-vm --fail-gate)"}\n'
+                                 % (b"gate open" if what == "gate" else what.encode()))
+
+        threading.Thread(target=serve, daemon=True).start()
+        return path
+
+    def source_progress_after(self, t, timeout):
+        """ms from T until the source guest's console shows progress (a WORK line), None if not within
+        TIMEOUT s."""
+        deadline = time.time() + timeout
+        while True:
+            for line in read_text(self.path("src-timeline.log")).splitlines():
+                ts, _, text = line.partition(" ")
+                try:
+                    if text.startswith("WORK t=") and float(ts) > t:
+                        return int((float(ts) - t) * 1000)
+                except ValueError:
+                    continue
+            if time.time() > deadline:
+                return None
+            time.sleep(0.1)
 
     # ---- the steps ----------------------------------------------------------------------------------
     def run(self):
@@ -604,7 +660,9 @@ class Migration:
         args = self.qemu_args("dst-console.log", mem_path)
         self.stamp_console("dst-console.log", "dst-timeline.log")
         self.dst_qemu = self._proc("destination QEMU", wrap + ["qemu-system-x86_64"] + args + [
-            "-qmp", "unix:%s,server,nowait" % self.path("dst.qmp"), "-incoming", "tcp:%s:%d" % (DST_IP, MIG_PORT)],
+            "-qmp", "unix:%s,server,nowait" % self.path("dst.qmp"), "-incoming", "tcp:%s:%d" % (DST_IP, MIG_PORT)]
+            # swap mode: the destination stays paused after loading the state until the gate has opened
+            + (["-S"] if self.swap else []),
             "dst-qemu.log", self.hosts.dst).launch()
         for _ in range(100):
             if self.qmp_answers("dst.qmp"):
@@ -727,16 +785,18 @@ class Migration:
         o = self.o
         gate = None
         params = None
-        postcopy = pause = False
+        postcopy = resume = False
         if o.mode == "file":
             say("migrating (x-ignore-shared; the gate opens on the source's STOP)")
             caps = ["x-ignore-shared"]
             if not o.ungated:
                 gate = self.path("dst.ctl")
         elif o.mode == "swap":
-            say("migrating (x-ignore-shared, pause-before-switchover: on the source's STOP the gate opens, "
-                "then migrate-continue)")
-            caps, gate, pause = ["x-ignore-shared"], self.path("dst.ctl"), True
+            say("migrating (x-ignore-shared; on the source's STOP the gate opens while the device state "
+                "goes over, then `cont` starts the destination)")
+            caps, gate, resume = ["x-ignore-shared"], self.path("dst.ctl"), True
+            if o.fail_gate:
+                gate = self.refusing_gate()
         elif o.mode == "precopy":
             say("migrating (QEMU precopy, auto-converge)")
             caps, params = ["auto-converge"], FAST
@@ -746,7 +806,7 @@ class Migration:
         self.counters0 = self.counters()
         try:
             report = vm.qmp.migrate(self.path("src.qmp"), self.path("dst.qmp"), "tcp:%s:%d" % (DST_IP, MIG_PORT), gate,
-                                    caps, postcopy, params, pause_before_switchover=pause)
+                                    caps, postcopy, params, resume_destination=resume)
         except (RuntimeError, OSError) as e:
             report = {"status": "error", "error": str(e)}
         text = json.dumps(report)
@@ -798,10 +858,9 @@ class Migration:
         deadline = time.time() + 600
         while time.time() < deadline:
             st = self.status()
-            staged = st.get("staged_slots") or 0
-            absent = (st.get("pages") or {}).get("absent", staged)
+            eta = st.get("eta_seconds")
             if self.swap and self.early_swapoff is None and (
-                    st.get("complete") is True or (staged and 1 - absent / staged >= SWAPOFF_AT_PROGRESS)):
+                    st.get("complete") is True or (eta is not None and eta <= SWAPOFF_LEAD_S)):
                 self.start_swapoff()
             if st.get("complete") is True:
                 break
@@ -839,9 +898,11 @@ class Migration:
         self.warmer = (thread, holder)
 
     def start_swapoff(self):
-        """Swap mode: swapoff starts in the background once the pull is SWAPOFF_AT_PROGRESS done; the
-        slots it reads that are still absent are pulled on demand, so the device is released about
-        when the last page arrives instead of a whole swapoff later."""
+        """Swap mode: swapoff starts in the background once the pull is expected to end within
+        SWAPOFF_LEAD_S; the slots it reads that are still absent are pulled on demand, so the device
+        is released about when the last page arrives instead of a whole swapoff later. (A fixed share
+        of the pull, half, started it 3 s before the end at 200 Mbit/s, its reads competing with the
+        guest's faults all that time.)"""
         holder = {"t": time.time()}
 
         def run():
@@ -1006,7 +1067,8 @@ class Migration:
             "source_stop_ms": m.get("source_stop_ms"),
             "gate_open_ms": m.get("gate_open_ms"),
             "late_pages": m.get("late_pages"),
-            "switchover_continue_ms": m.get("continue_ms"),
+            "destination_continue_ms": m.get("continue_ms"),
+            "guest_downtime_ms": m.get("guest_downtime_ms"),
             "destination_resume_ms": m.get("destination_resume_ms"),
             "first_progress_on_destination_ms": round(first * 1000, 1) if first is not None else None,
             "all_ram_local_ms": all_local,

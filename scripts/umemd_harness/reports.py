@@ -305,6 +305,7 @@ MIG_LABELS = {"precopy": "QEMU precopy", "postcopy": "QEMU postcopy-ram", "file"
               "swap": "nbd-umemd swap"}
 MIG_ROWS = [
     ("downtime (QMP), ms", "downtime_ms"),
+    ("guest downtime (STOP to RESUME, QEMU's stamps), ms", "guest_downtime_ms"),
     ("`migrate` to guest progress on the destination, ms", "first_progress_on_destination_ms"),
     ("`migrate` to all RAM on the destination, ms", "all_ram_local_ms"),
     ("`migrate` to the VM depending on nothing, ms", "independent_ms"),
@@ -473,6 +474,12 @@ def migrate(runs, env, params, args, markdown, plot):
     if ("file" in modes or "swap" in modes) and "postcopy" in modes and not done["postcopy"]:
         criteria.append(("QEMU postcopy-ram completed at least once (nothing to compare with)", False, 0))
     ok = print_criteria(criteria, markdown, fmt=lambda r: "%.3f" % r if isinstance(r, float) else r)
+    guest = ["%s %s" % (MIG_LABELS[m], _mig_fmt(mmed(m, "guest_downtime_ms"))) for m in modes
+             if mmed(m, "guest_downtime_ms") is not None]
+    if guest:
+        print("%sinfo: guest downtime (the destination's RESUME minus the source's STOP, QEMU's stamps; QMP's downtime "
+              "ends when the source has sent the last byte), medians in ms: %s" % ("- " if markdown else "",
+                                                                                    ", ".join(guest)))
     draw_rates(done, mmed, plot, params)
     return ok
 

@@ -506,9 +506,10 @@ def run_migrate(b):
                             r.get("leftovers_after_independent")))
             if mode in LAZY_MIG_MODES:
                 extra += ", %s NBD writes after completion" % r.get("writes_after_complete")
-            log("    downtime %s ms, progress on the destination after %s ms, all RAM there after %s ms, %s link bytes, "
-                "%s errors%s" % (r["downtime_ms"], r["first_progress_on_destination_ms"], r["all_ram_local_ms"],
-                                 r["link_bytes"], r["data_errors"], extra))
+            log("    downtime %s ms (guest %s ms), progress on the destination after %s ms, all RAM there after %s ms, "
+                "%s link bytes, %s errors%s" % (r["downtime_ms"], r.get("guest_downtime_ms"),
+                                                r["first_progress_on_destination_ms"], r["all_ram_local_ms"],
+                                                r["link_bytes"], r["data_errors"], extra))
     params = "rounds=%d mem=%dMiB work=%dMiB link=%s keep=%ds" % (o.mig_rounds, o.mig_mem, o.mig_mem // 2, o.mig_link, o.mig_keep)
     args = "scripts/migrate-vm --mode MODE --mem %d --link-rate %s --keep %d" % (o.mig_mem, o.mig_link, o.mig_keep)
     return reports.migrate(runs, b.env(), params, args, o.markdown, o.plot)

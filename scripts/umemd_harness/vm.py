@@ -27,12 +27,13 @@ def guest_initramfs(out, init):
 def qemu_args(kernel, initrd, console, mem_mib, mem_path, append_extra=""):
     """qemu-system-x86_64 arguments for the guest under TCG with MEM_MIB of RAM in a shared
     memory-backend-file on MEM_PATH, its serial console written to CONSOLE (emptied here), the
-    monitor nowhere (same as guest.sh's guest_qemu_args)."""
+    monitor nowhere (same as guest.sh's guest_qemu_args), no display adapter (its 16 MiB of video
+    RAM would be migrated in every mode)."""
     open(console, "w").close()
     return ["-m", "%dM" % mem_mib,
             "-object", "memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=on" % (mem_mib, mem_path),
             "-machine", "memory-backend=ram0",
-            "-accel", "tcg", "-cpu", "max", "-nographic", "-no-reboot",
+            "-accel", "tcg", "-cpu", "max", "-nographic", "-vga", "none", "-no-reboot",
             "-kernel", kernel, "-initrd", initrd,
             "-append", "console=ttyS0 quiet panic=-1 %s" % append_extra,
             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
