@@ -269,8 +269,9 @@ public final class LazyOpenedExport: OpenedExport {
         return .init(prefetch: done ? "done" : (action == .pause ? "paused" : "running"))
     }
 
-    /// Lets pulls reach the source, starts the background pull, then (in the background) marks the
-    /// source's zero extents. Idempotent. A swap export first copies its late pages (`LatePages`).
+    /// Lets pulls reach the source, starts the background pull, then (in the background, not for a
+    /// swap export) marks the source's zero extents. Idempotent. A swap export first copies its late
+    /// pages (`LatePages`).
     func openGate() throws -> GateCommand.Reply {
         let wasGated = lazy.isGated
         var late: UInt64? = nil
@@ -279,8 +280,13 @@ public final class LazyOpenedExport: OpenedExport {
         if wasGated {
             logger.info("gate opened: \(released) waiting pulls sent to the source")
             startBackground()
-            let lazy = self.lazy, logger = self.logger
-            Task { await Self.markSourceZeros(lazy, logger: logger) }
+            // A swap export asked for the source's zero pages when it staged (none of them is
+            // mapped); walking the whole map again here would only compete with the source's
+            // completion of the migration, which is under way at this moment.
+            if slots == nil {
+                let lazy = self.lazy, logger = self.logger
+                Task { await Self.markSourceZeros(lazy, logger: logger) }
+            }
         }
         return .init(gate: "open", wasClosed: wasGated, releasedPulls: released, latePages: late ?? (slots == nil ? nil : latePages))
     }
