@@ -9,7 +9,7 @@ from . import migration, vm
 from .common import Fatal, build_no_hugepage, build_release, die, ensure_packages, log, run_main, set_prog, umemd_binary
 
 USAGE = """\
-Usage: scripts/migrate-vm [--mode file|swap|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S]
+Usage: scripts/migrate-vm [--mode swap|file|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S]
                           [--keep S] [--link-rate RATE] [--link-delay MS] [--prefetch MODE]
                           [--source-outage S[@AFTER]] [--fail-dest] [--fail-gate] [--ungated] [--dir DIR]
 
@@ -18,7 +18,7 @@ rewrites a working set of --work MiB continuously and prints its progress on the
 on the source host and migrates it. Both hosts are network namespaces on this machine, joined by a
 veth pair. Four modes:
 
-file (default; `umemd` is the same): the destination's RAM is a block device on nbd-umemd
+file (`umemd` is the same): the destination's RAM is a block device on nbd-umemd
   source host (netns, 10.200.0.1)         destination host (netns, 10.200.0.2)
     QEMU, RAM = memory-backend-file           nbd-umemd serve --source nbd://10.200.0.1 --gated
       share=on on /dev/shm/RAMFILE            scripts/attach -> block device
@@ -34,7 +34,7 @@ file (default; `umemd` is the same): the destination's RAM is a block device on 
   destination's page cache is dropped and all guest RAM re-read (no source left to ask). The VM
   keeps depending on the daemon, its device and store for as long as it runs.
 
-swap: post-copy through swap; at the end the VM depends on nothing
+swap (default): post-copy through swap; at the end the VM depends on nothing
   The same source. On the destination: `nbd-umemd serve --source URI --swap-size MEM+64M --gated
   --swap` (a swap export whose slots map to source pages; its memory locked), attached with
   `scripts/attach --swap`, mkswap and swapon -p 32767 (system-wide swap while it is on); then
@@ -71,7 +71,7 @@ removes what was set up on the destination (swap mode: swapoff, detach, daemon s
 store removed); then the source side is stopped too, at exit. Every exit path (errors, SIGINT,
 SIGTERM) turns off a swap device this run turned on.
 
-  --mode MODE          file (default; umemd is an alias), swap, precopy or postcopy
+  --mode MODE          swap (default), file (umemd is an alias), precopy or postcopy
   --mem MIB            guest RAM (default 256)          --work MIB   working set (default MEM/2)
   --run-before S       seconds on the source first (3)  --keep S     seconds on the destination (10;
                        swap mode: counted from independence)
@@ -102,7 +102,7 @@ off and a memory cgroup controller (the stager checks).
 
 
 class Options:
-    mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "file", "256", "", "", "64", False, "3", "10"
+    mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "swap", "256", "", "", "64", False, "3", "10"
     link_rate, link_delay, prefetch, outage, fail_dest, ungated, dir, keep_dir = "", "", "adaptive", "", False, False, "", False
     fail_gate = False
 
