@@ -33,8 +33,9 @@ final class PullEngine: @unchecked Sendable {
     /// background data on the same connection.
     let backgroundSource: (any RemoteSource)?
     let fetchSize: UInt64
-    /// The fetch window demand misses use now: `fetchSize`, or one page while a background pull brings
-    /// the neighbours (a miss then moves only what the client waits for over the link).
+    /// The fetch window demand misses use now: `fetchSize`, or `missWindow` (a page unless the export
+    /// sets it) while a background pull brings the neighbours (a miss then moves little more than
+    /// what the client waits for over the link).
     private let demandFetchSize: ManagedAtomic<UInt64>
     /// What a demand miss pulls while a background pull runs: its own pages, widened to this aligned
     /// window (a page; a swap export: the kernel's swap read-ahead cluster).
