@@ -47,10 +47,12 @@ swap (default): post-copy through swap; at the end the VM depends on nothing
   the destination. If the gate does not open, the source gets the VM back (migrate_cancel, or
   `cont` once its side has completed) and the destination never ran. The guest's first touch of
   a page is a swap-in that the daemon serves from the source; its background pull brings the rest.
-  Once every slot is local the source is shut down, then swapoff reads the slots still swapped out
-  (from the local store), the device is detached, the daemon stopped and the store removed. What is
-  left behind: only the destination QEMU with its RAM in /dev/shm (no daemon, device, store or swap
-  entry; migrate-vm checks and reports that). The VM then runs on for --keep seconds.
+  swapoff starts once the daemon expects the pull to end within 1 s (it reads the slots still
+  swapped out, from the local store once they are there); once every slot is local the source is
+  shut down, and when swapoff ends the device is detached, the daemon stopped and the store
+  removed. What is left behind: only the destination QEMU with its RAM in /dev/shm (no daemon,
+  device, store or swap entry; migrate-vm checks and reports that). The VM then runs on for --keep
+  seconds.
 
 precopy, postcopy: the same VM migrated the way QEMU does on its own, for comparison (scripts/bench
   --suite migrate): no nbd-umemd; the destination's RAM is a file in /dev/shm and the RAM pages go
