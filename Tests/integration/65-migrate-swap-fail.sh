@@ -21,38 +21,25 @@ assert_nothing_left() {
     [ -n "$ram" ] && [ ! -e "$ram" ] || fail "$1: the staged RAM file $ram is still there"
 }
 
-D=$T/mig
 migrate_vm mig --mode swap --mem 192 --fail-dest
-[ "$MIG_RC" -ne 0 ] || fail "migrate-vm --mode swap --fail-dest exited 0"
-grep -q 'error before the switch-over: the destination QEMU exited' "$T/mig.out" || fail "no clear error about the destination QEMU"
+assert_failed_before_switch mig 'the destination QEMU exited'
 # the failure must come after the swap device was on and the RAM staged, or the undo path was not tested
 dev=$(grep -o 'swap on /dev/[a-z0-9]*' "$T/mig.out" | head -n 1 | cut -d' ' -f3)
 [ -n "$dev" ] || fail "swap was never turned on before the failure"
 grep -q 'staged: {' "$T/mig.out" || fail "the RAM was never staged before the failure"
-[ -s "$D/report.json" ] || fail "no report.json"
-r() { json_get "$D/report.json" "$1"; }
-assert_eq "status" '"failed-before-switchover"' "$(r 'j["status"]')"
-assert_eq "source VM status at the failure" '"running"' "$(r 'j["source_vm"]["status"]')"
-assert_eq "destination leftovers at the failure" 0 "$(r 'j["destination_leftovers"]')"
-grep -aq '^WORK t=' "$D/src-console.log" || fail "the source VM never ran"
 assert_nothing_left mig "$dev"
 say "failed before the switch-over with swap on $dev and the RAM staged: source VM running, nothing left"
 
 D=$T/gate
 migrate_vm gate --mode swap --mem 192 --fail-gate
-[ "$MIG_RC" -ne 0 ] || fail "migrate-vm --mode swap --fail-gate exited 0"
-grep -q 'error before the switch-over: migration failed: .*gate open failed: gate open refused' "$T/gate.out" \
-    || fail "no clear error about the gate open"
+assert_failed_before_switch gate 'migration failed: .*gate open failed: gate open refused'
 dev=$(grep -o 'swap on /dev/[a-z0-9]*' "$T/gate.out" | head -n 1 | cut -d' ' -f3)
 [ -n "$dev" ] && grep -q 'staged: {' "$T/gate.out" || fail "gate: swap was not on with the RAM staged before the failure"
 r() { json_get "$D/report.json" "$1"; }
-assert_eq "gate: status" '"failed-before-switchover"' "$(r 'j["status"]')"
 # the source had sent everything (its migration completed) and was continued
 assert_eq "gate: the source's migration at the failure" '"completed"' "$(r 'j["source_migration"]')"
-assert_eq "gate: source VM status after the failure" '"running"' "$(r 'j["source_vm"]["status"]')"
 assert_eq "gate: the source guest progresses within 5 s of the failure" true \
     "$(r 'j["source_progress_after_ms"] is not None and j["source_progress_after_ms"] < 5000')"
-assert_eq "gate: destination leftovers at the failure" 0 "$(r 'j["destination_leftovers"]')"
 ! grep -aq '^WORK t=' "$D/dst-console.log" || fail "gate: the destination guest ran"
 assert_nothing_left gate "$dev"
 say "gate open failed after the source had sent everything: source continued ($(r 'j["source_progress_after_ms"]') ms to its next progress), the destination never ran, nothing left"

@@ -242,6 +242,40 @@ migration() {
     [ -s "$T/$name.json" ] || fail "$name: no REPORT line"
 }
 
+# assert_postcopy_outage NAME: `migration NAME ... --source-outage 5@1` had its source export down
+# inside the post-copy phase (restarted before every page was local, more than 6 s to all-local),
+# the guest stalled (a progress gap of 2 s or more) and progressed after the source was gone, and
+# the destination daemon logged the outage and the recovery.
+assert_postcopy_outage() {
+    local name=$1 restarted local_line all_local gap
+    all_local=$(json_get "$T/$name.json" 'j["all_ram_local_ms"]')
+    gap=$(json_get "$T/$name.json" 'j["max_progress_gap_ms"]')
+    grep -q 'source export restarted' "$T/$name.out" || fail "the outage did not happen"
+    restarted=$(grep -n 'source export restarted' "$T/$name.out" | head -n 1 | cut -d: -f1)
+    local_line=$(grep -n 'every page local after' "$T/$name.out" | head -n 1 | cut -d: -f1)
+    [ "$restarted" -lt "$local_line" ] || fail "the export came back only after every page was local: not a post-copy outage"
+    [ "$all_local" -gt 6000 ] || fail "every page was local after $all_local ms: the outage was not inside the post-copy phase"
+    [ "$gap" -ge 2000 ] || fail "the guest never stalled (largest gap between progress lines $gap ms)"
+    [ "$(json_get "$T/$name.json" 'j["ops_after_source_gone"]')" -gt 0 ] || fail "no progress after the outage"
+    grep -q 'source outage' "$T/$name/dst-daemon.log" && grep -q 'source recovered after' "$T/$name/dst-daemon.log" \
+        || fail "the destination daemon logged no outage and recovery: $(grep -v 'info' "$T/$name/dst-daemon.log" | tail -n 5)"
+    say "daemon: $(grep -o 'source outage.*\|source recovered.*' "$T/$name/dst-daemon.log" | head -n 2 | tr '\n' ' ')"
+}
+
+# assert_failed_before_switch NAME PATTERN: `migrate_vm NAME ...` failed before the switch-over with
+# an error line matching PATTERN (grep) after "error before the switch-over: ", its report says so,
+# the source VM ran and is running, and migrate-vm counted nothing left on the destination.
+assert_failed_before_switch() {
+    local name=$1 pattern=$2
+    [ "$MIG_RC" -ne 0 ] || fail "$name: scripts/migrate-vm exited 0"
+    grep -q "error before the switch-over: $pattern" "$T/$name.out" || fail "$name: no clear error ($pattern)"
+    [ -s "$T/$name/report.json" ] || fail "$name: no report.json"
+    assert_eq "$name: status" '"failed-before-switchover"' "$(json_get "$T/$name/report.json" 'j["status"]')"
+    assert_eq "$name: source VM status at the failure" '"running"' "$(json_get "$T/$name/report.json" 'j["source_vm"]["status"]')"
+    assert_eq "$name: destination leftovers at the failure" 0 "$(json_get "$T/$name/report.json" 'j["destination_leftovers"]')"
+    grep -aq '^WORK t=' "$T/$name/src-console.log" || fail "$name: the source VM never ran"
+}
+
 # undo_swap_run NAME: what `migrate_vm NAME --mode swap` may have left if it was killed before its
 # own cleanup ran (scripts/migrate-vm turns swap off on every exit path it gets to run): its
 # destination QEMU stopped, its staged RAM file removed (so that swapoff need not read those pages
