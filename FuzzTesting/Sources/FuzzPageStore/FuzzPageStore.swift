@@ -25,19 +25,8 @@ let defaultSize: UInt64 = 64 * 4096 + 1000  // a partial last page: 65 pages
 let defaultPageSize: UInt64 = 4096
 let defaultIdentity = "nbd+unix:///disk?socket=/run/source.sock"
 
-/// One store directory per process (libFuzzer's -fork/-jobs workers run side by side).
-let storeDirectory: String = {
-    var base = environment("NBD_FUZZ_STORE_DIR") ?? "/dev/shm"
-    if access(base, W_OK) != 0 { base = "/tmp" }
-    let dir = "\(base)/nbd-umemd-fuzz-store.\(getpid())"
-    mkdir(dir, 0o700)
-    atexit {
-        let dir = storeDirectory
-        for name in ["state", "state.tmp", "data", "lock"] { unlink(dir + "/" + name) }
-        rmdir(dir)
-    }
-    return dir
-}()
+/// One store directory per process.
+let storeDirectory = scratchDirectory("nbd-umemd-fuzz-store", removing: ["state", "state.tmp", "data", "lock"])
 
 /// The geometry and identity to open with.
 struct Wanted {

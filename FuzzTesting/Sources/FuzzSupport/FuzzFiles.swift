@@ -35,3 +35,23 @@ public func writeFile(_ path: String, _ bytes: [UInt8]) {
     require(n == bytes.count, "short write to \(path)")
     close(fd)
 }
+
+/// The scratch directory's path and the files in it its removal at exit unlinks.
+nonisolated(unsafe) private var scratch: (directory: String, files: [String])?
+
+/// A directory of this process's own (libFuzzer's -fork/-jobs workers run side by side) named
+/// `PREFIX.PID` under $NBD_FUZZ_STORE_DIR, else /dev/shm, else /tmp; at exit `files` in it and the
+/// directory itself are removed. One per process.
+public func scratchDirectory(_ prefix: String, removing files: [String]) -> String {
+    var base = environment("NBD_FUZZ_STORE_DIR") ?? "/dev/shm"
+    if access(base, W_OK) != 0 { base = "/tmp" }
+    let dir = "\(base)/\(prefix).\(getpid())"
+    mkdir(dir, 0o700)
+    scratch = (dir, files)
+    atexit {
+        guard let (dir, files) = scratch else { return }
+        for name in files { unlink(dir + "/" + name) }
+        rmdir(dir)
+    }
+    return dir
+}

@@ -63,19 +63,8 @@ let fileSize = headerSize + Int(slotCount) * 4
 let magic = Array("UMEMSWPT".utf8)
 let markerMagic = Array("UMEMSTG1".utf8)
 
-/// One store directory per process (libFuzzer's -fork/-jobs workers run side by side).
-let storeDirectory: String = {
-    var base = environment("NBD_FUZZ_STORE_DIR") ?? "/dev/shm"
-    if access(base, W_OK) != 0 { base = "/tmp" }
-    let dir = "\(base)/nbd-umemd-fuzz-slots.\(getpid())"
-    mkdir(dir, 0o700)
-    atexit {
-        let dir = storeDirectory
-        for name in ["slots", "slots.tmp"] { unlink(dir + "/" + name) }
-        rmdir(dir)
-    }
-    return dir
-}()
+/// One store directory per process.
+let storeDirectory = scratchDirectory("nbd-umemd-fuzz-slots", removing: ["slots", "slots.tmp"])
 let slotsPath = storeDirectory + "/slots"
 
 func openSlots() throws -> SwapSlots {
