@@ -56,6 +56,22 @@ SWAP_PRIORITY = 32767              # swapon -p: the highest, so the kernel uses 
 PAGE = 4096
 
 
+WORK_LINE = re.compile(r"WORK t=([0-9.]+) ops=([0-9]+) rate=([0-9]+) errors=([0-9]+)")
+
+
+def work_timeline(path):
+    """The guest's progress lines in a console timeline (ConsoleStamper's "HOST-TIME LINE"): (host
+    time, ops, rate, errors) of each WORK line; and the number of WORK-ERROR lines."""
+    out, bad = [], 0
+    for raw in read_text(path).splitlines():
+        ts, _, rest = raw.partition(" ")
+        bad += "WORK-ERROR" in rest
+        x = WORK_LINE.search(rest)
+        if x:
+            out.append((float(ts), int(x.group(2)), int(x.group(3)), int(x.group(4))))
+    return out, bad
+
+
 def say(msg):
     log(msg)
 
@@ -501,13 +517,9 @@ class Migration:
         TIMEOUT s."""
         deadline = time.time() + timeout
         while True:
-            for line in read_text(self.path("src-timeline.log")).splitlines():
-                ts, _, text = line.partition(" ")
-                try:
-                    if text.startswith("WORK t=") and float(ts) > t:
-                        return int((float(ts) - t) * 1000)
-                except ValueError:
-                    continue
+            later = [ts for ts, _, _, _ in work_timeline(self.path("src-timeline.log"))[0] if ts > t]
+            if later:
+                return int((later[0] - t) * 1000)
             if time.time() > deadline:
                 return None
             time.sleep(0.1)
@@ -1022,18 +1034,10 @@ class Migration:
     def report(self, m, t0, all_local, gone, end, pulled, link, reread, retransmits, warm, packets):
         st = self.read_json("dst-status-complete.json")
         fig = self.figures
-        work = re.compile(r"WORK t=([0-9.]+) ops=([0-9]+) rate=([0-9]+) errors=([0-9]+)")
-
         def timeline(path):
             """(seconds since migrate, ops, rate, errors) of each WORK line; and the WORK-ERROR count"""
-            out, bad = [], 0
-            for raw in read_text(path).splitlines():
-                ts, _, rest = raw.partition(" ")
-                bad += "WORK-ERROR" in rest
-                x = work.search(rest)
-                if x:
-                    out.append((float(ts) - t0, int(x.group(2)), int(x.group(3)), int(x.group(4))))
-            return out, bad
+            lines, bad = work_timeline(path)
+            return [(ts - t0, ops, rate, err) for ts, ops, rate, err in lines], bad
 
         src, src_bad = timeline(self.path("src-timeline.log"))
         dst, dst_bad = timeline(self.path("dst-timeline.log"))
