@@ -103,4 +103,30 @@ static inline int umemd_prctl(int option, unsigned long arg) {
     return prctl(option, arg, 0UL, 0UL, 0UL);
 }
 
+/* Staging (Sources/NbdPager/Swap/Stager.swift): MADV_PAGEOUT isolates only pages on the LRU, and a
+ * page faulted in a moment ago can still sit in the per-CPU batch of the CPU that faulted it, which
+ * madvise drains only on the CPU it runs on. So the fill and the pageout run pinned to one CPU. */
+#include <unistd.h>
+#include <sys/syscall.h>
+/* The calling thread's CPU mask (1024 CPUs), 0 or -1. */
+static inline int umemd_affinity_get(uint64_t mask[16]) {
+    for (int i = 0; i < 16; i++) mask[i] = 0;
+    return syscall(SYS_sched_getaffinity, 0, 16 * sizeof(uint64_t), mask) > 0 ? 0 : -1;
+}
+static inline int umemd_affinity_set(const uint64_t mask[16]) {
+    return syscall(SYS_sched_setaffinity, 0, 16 * sizeof(uint64_t), mask) == 0 ? 0 : -1;
+}
+/* Pins the calling thread to one CPU, 0 or -1. */
+static inline int umemd_affinity_pin(unsigned cpu) {
+    uint64_t m[16] = { 0 };
+    if (cpu >= 1024) return -1;
+    m[cpu / 64] = 1ULL << (cpu % 64);
+    return umemd_affinity_set(m);
+}
+/* The CPU the calling thread runs on, or -1. */
+static inline int umemd_current_cpu(void) {
+    unsigned cpu = 0;
+    return syscall(SYS_getcpu, &cpu, NULL, NULL) == 0 ? (int)cpu : -1;
+}
+
 #endif

@@ -107,12 +107,18 @@ public struct Stager {
             if !cgroupRemoved { cgroup.remove() }
         }
         try cgroup.enter()
+        let length = Int(opened.sourceSize)
+        guard let base = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
+            try? cgroup.leave()
+            throw Failure("mmap \(ramFile): \(String(cString: strerror(errno)))")
+        }
+        var mapped = true
+        defer { if mapped { munmap(base, length) } }
+        let affinity = CPUAffinity()
         do {
-            let length = Int(opened.sourceSize)
-            guard let base = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
-                throw Failure("mmap \(ramFile): \(String(cString: strerror(errno)))")
-            }
-            defer { munmap(base, length) }
+            // Fill and push out on one CPU: see umemd_affinity_pin.
+            affinity.pinToCurrent()
+            defer { affinity.restore() }
             let raw = UnsafeMutableRawBufferPointer(start: base, count: length)
             for p in 0 ..< Int(pages) where !isZero[p] {
                 StagingMarker.encodeHeader(page: UInt64(p), key: key,
@@ -133,18 +139,33 @@ public struct Stager {
         let deadline = Self.now() + timeout
         var decoded: UInt64 = 0
         var lastProgress = (count: UInt64(0), at: Self.now())
+        var retries = 0
         while true {
             decoded = try markersDecoded()
             let writeback = Self.writebackKB()
             if decoded >= report.staged && writeback == 0 { break }
             let t = Self.now()
             if decoded != lastProgress.count || writeback != 0 { lastProgress = (decoded, t) }
-            // Nothing in writeback and no marker arriving for 3 s: the pages went somewhere else.
-            guard t < deadline, t - lastProgress.at < 3 else {
-                throw Failure("the daemon has decoded \(decoded) of \(report.staged) markers and nothing more is being written (writeback \(writeback) kB): pages went to another swap area, or to zswap")
+            guard t < deadline else {
+                throw Failure("the daemon has decoded \(decoded) of \(report.staged) markers after \(Int(timeout)) s (writeback \(writeback) kB)")
+            }
+            // Nothing in writeback and no marker arriving for 1 s: pages the first pass could not
+            // isolate (busy, or in another CPU's batch) are still mapped; push again from every CPU
+            // (pages already out are not mapped any more and cost nothing). After that, the pages
+            // went somewhere else.
+            if t - lastProgress.at >= 1 {
+                guard retries < 3 else {
+                    throw Failure("the daemon has decoded \(decoded) of \(report.staged) markers and nothing more is being written (writeback \(writeback) kB): pages went to another swap area, or to zswap")
+                }
+                retries += 1
+                say("\(report.staged - decoded) markers missing: MADV_PAGEOUT again on every CPU (\(retries))")
+                affinity.onEveryCPU { _ = madvise(base, length, Self.madvPageout) }
+                lastProgress = (decoded, Self.now())
             }
             usleep(2000)
         }
+        munmap(base, length)
+        mapped = false
         report.writebackMs = lap("writeback done, \(decoded) markers decoded")
         try cgroup.drain()
         cgroup.remove()
@@ -281,6 +302,47 @@ public struct Stager {
         var n = 0
         for (i, v) in vec.enumerated() where v & 1 != 0 && !(i < skip.count && skip[i]) { n += 1 }
         return n
+    }
+}
+
+/// The calling thread's CPU affinity, saved so it can be pinned and restored.
+struct CPUAffinity {
+    private var saved = [UInt64](repeating: 0, count: 16)
+    private let known: Bool
+
+    init() {
+        known = saved.withUnsafeMutableBufferPointer { umemd_affinity_get($0.baseAddress) } == 0
+    }
+
+    /// The CPUs the thread may run on.
+    var cpus: [UInt32] {
+        guard known else { return [] }
+        var list: [UInt32] = []
+        for c in 0 ..< 1024 {
+            let bit: UInt64 = 1 << UInt64(c % 64)
+            if saved[c / 64] & bit != 0 { list.append(UInt32(c)) }
+        }
+        return list
+    }
+
+    /// Pins the thread to the CPU it runs on (nothing when the kernel will not say).
+    func pinToCurrent() {
+        let cpu = umemd_current_cpu()
+        guard known, cpu >= 0 else { return }
+        _ = umemd_affinity_pin(UInt32(cpu))
+    }
+
+    func restore() {
+        guard known else { return }
+        _ = saved.withUnsafeBufferPointer { umemd_affinity_set($0.baseAddress) }
+    }
+
+    /// Runs `body` once pinned to each allowed CPU, then restores the mask.
+    func onEveryCPU(_ body: () -> Void) {
+        let list = cpus
+        guard !list.isEmpty else { body(); return }
+        for cpu in list where umemd_affinity_pin(cpu) == 0 { body() }
+        restore()
     }
 }
 
