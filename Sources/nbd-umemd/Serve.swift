@@ -87,6 +87,16 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Address to bind the TCP listener to.", valueName: "addr"))
     var bind: String?
 
+    @Option(name: .long, help: ArgumentHelp("Accept TCP clients only from this address or network (repeatable; IPv4 or IPv6, e.g. 10.1.0.0/16, fd00::/64, 192.0.2.7). Others are closed before the greeting and logged. Default: any address that can reach the listener (which binds to 127.0.0.1 unless --bind says otherwise). Unix-socket clients are not filtered.", valueName: "addr[/prefix]"),
+            transform: { try AddressRange(parsing: $0) })
+    var allow: [AddressRange] = []
+
+    @Option(name: .long, help: ArgumentHelp("Most client connections open at once; more are closed at once and logged.", valueName: "n"))
+    var maxConnections: Int = ConnectionPolicy.defaultMaxConnections
+
+    @Option(name: .long, help: ArgumentHelp("Disconnect a client that has not finished the handshake after this many seconds.", valueName: "seconds"))
+    var handshakeTimeout: Int = ConnectionPolicy.defaultHandshakeSeconds
+
     @Option(name: .long, help: ArgumentHelp("Export name clients ask for (the empty name also selects it).", valueName: "name"))
     var exportName: String = ""
 
@@ -151,6 +161,11 @@ struct Serve: ParsableCommand {
         }
         if !(0...10_000).contains(pollUs) { throw ValidationError("--poll-us must be between 0 and 10000") }
         if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
+        if !(1...65_536).contains(maxConnections) { throw ValidationError("--max-connections must be between 1 and 65536") }
+        if !(1...3600).contains(handshakeTimeout) { throw ValidationError("--handshake-timeout must be between 1 and 3600 seconds") }
+        if !allow.isEmpty && unix != nil && port == nil && bind == nil {
+            throw ValidationError("--allow filters TCP clients, and this daemon listens only on --unix")
+        }
         if exportName.utf8.count > 4096 { throw ValidationError("--export-name is longer than 4096 bytes") }
         if let unix, unix.utf8.count >= 108 { throw ValidationError("--unix path is longer than 107 bytes") }
     }
@@ -196,6 +211,9 @@ struct Serve: ParsableCommand {
         c.swap = swap
         c.threads = threads
         c.pollWindow = .microseconds(Int64(pollUs))
+        c.policy.allow = allow
+        c.policy.maxConnections = maxConnections
+        c.policy.handshakeTimeout = .seconds(Int64(handshakeTimeout))
         c.logLevel = verbose ? .debug : .info
         return c
     }

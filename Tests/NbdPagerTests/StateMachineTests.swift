@@ -52,7 +52,8 @@ final class StateMachineTests: XCTestCase {
             let a = feedAll(&m, Wire.option(Opt.setMetaContext, Wire.metaPayload(name: export.name, queries: ["base:allocation"])))
             XCTAssertEqual(a.count, 1, file: file, line: line)
         }
-        let session = go(&m, name: export.name, file: file, line: line)
+        // (asking for the block sizes, so the advertised 32 MiB maximum holds)
+        let session = go(&m, name: export.name, requests: [3], file: file, line: line)
         XCTAssertEqual(session?.structuredReplies, structured, file: file, line: line)
         XCTAssertEqual(session?.baseAllocationContext, metaContext ? 1 : nil, file: file, line: line)
         XCTAssertTrue(m.isInTransmission, file: file, line: line)
@@ -106,6 +107,8 @@ final class StateMachineTests: XCTestCase {
         XCTAssertEqual(session.export, Self.disk)
         XCTAssertFalse(session.structuredReplies)
         XCTAssertNil(session.baseAllocationContext)
+        // It asked for the block sizes: the advertised maximum is enforced.
+        XCTAssertEqual(session.maximumRequestLength, 32 << 20)
 
         let replies = parseOptionReplies(bytes)
         XCTAssertTrue(replies.allSatisfy { $0.option == Opt.go }, "\(replies)")
@@ -138,6 +141,8 @@ final class StateMachineTests: XCTestCase {
               let (bytes, session) = action.transmission
         else { return XCTFail("no transmission") }
         XCTAssertEqual(session.export.name, "other")
+        // It never asked for block sizes: up to 64 MiB, as nbdkit accepts.
+        XCTAssertEqual(session.maximumRequestLength, 64 << 20)
         let replies = parseOptionReplies(bytes)
         guard !replies.isEmpty else { return XCTFail("no replies") }
         XCTAssertEqual(replies.first?.type, RT.info)

@@ -133,6 +133,23 @@ final class ValidatorTests: XCTestCase {
         Case("disconnect", rw, .simple, .disconnect, length: 0, nil),
     ]
 
+    /// A client that never asked for block sizes may send up to 64 MiB.
+    func testUnadvertisedLimitIs64MiB() {
+        var s = Self.session(Self.rw, .structured)
+        s.maximumRequestLength = NBDLimits.maxRequestLengthUnadvertised
+        func check(_ type: NBDCommand, _ length: UInt32, _ flags: NBDCommandFlags = []) -> NBDErrno? {
+            let h = NBDRequestHeader(flags: flags.rawValue, type: type.rawValue, cookie: 1, offset: 0, length: length)
+            if case .failure(let r) = NBDRequestValidator.validate(h, session: s) { return r.error }
+            return nil
+        }
+        XCTAssertNil(check(.write, 64 << 20))
+        XCTAssertNil(check(.read, 64 << 20))
+        XCTAssertNil(check(.read, 32 << 20 + 1))
+        XCTAssertEqual(check(.write, 64 << 20 + 1), .einval)
+        XCTAssertEqual(check(.read, 64 << 20 + 1), .einval)
+        XCTAssertEqual(check(.read, 64 << 20 + 1, [.dontFragment]), .eoverflow)
+    }
+
     func testTable() {
         for (i, c) in Self.cases.enumerated() {
             let cookie = UInt64(0x1000 + i)

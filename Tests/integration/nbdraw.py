@@ -337,15 +337,15 @@ class RawClient:
             out.append((cid, data[4:].decode(errors="replace")))
         return out
 
-    def connect_default(self, name="", structured=True, meta=()):
-        """Handshake + optional STRUCTURED_REPLY + SET_META_CONTEXT + GO."""
+    def connect_default(self, name="", structured=True, meta=(), infos=()):
+        """Handshake + optional STRUCTURED_REPLY + SET_META_CONTEXT + GO (asking for infos)."""
         self.handshake()
         ctx = []
         if structured:
             self.structured_reply()
         if meta:
             ctx = self.meta_context(OPT_SET_META_CONTEXT, name, meta)
-        info = self.go(name)
+        info = self.go(name, infos)
         info["contexts"] = ctx
         return info
 

@@ -37,6 +37,7 @@ public final class Daemon: Sendable {
         try configuration.validate()
         let c = configuration
         if c.swap { try SwapMode.prepare(logger: logger) }
+        Self.raiseFileLimit(for: c.policy.maxConnections, logger: logger)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops)
         let pool = NIOThreadPool(numberOfThreads: c.threads)
         pool.start()
@@ -57,7 +58,7 @@ public final class Daemon: Sendable {
                                          minimumBlockSize: config.minimumBlockSize, threadPool: pool))
         }
         let server = NBDServer(exports: exports.map(\.export), listeners: c.listeners, group: group, logger: logger,
-                               pollWindow: c.pollWindow)
+                               pollWindow: c.pollWindow, policy: c.policy)
         let service = DaemonService(daemon: self, exports: exports, server: server, runtime: runtime,
                                     group: group, lifecycle: lifecycle)
         if c.swap {
@@ -130,6 +131,19 @@ public final class Daemon: Sendable {
             return s.servingWaiters
         }
         waiters.forEach { $0.resume() }
+    }
+
+    /// Each connection is a descriptor: raise the soft limit (up to the hard one) so that
+    /// `maxConnections` fit beside the daemon's own descriptors.
+    static func raiseFileLimit(for maxConnections: Int, logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+        let wanted = rlim_t(maxConnections + 256)
+        guard limit.rlim_cur < wanted else { return }
+        limit.rlim_cur = min(wanted, limit.rlim_max)
+        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 || limit.rlim_cur < wanted {
+            logger.warning("open file limit \(limit.rlim_cur) is too low for --max-connections \(maxConnections) (raise ulimit -n)")
+        }
     }
 
     /// Opens every export's storage; on a failure, closes those already open.

@@ -27,6 +27,8 @@ public struct DaemonConfiguration: Sendable {
     /// SIGTERM and SIGINT start a graceful shutdown (off for a daemon inside another program, such
     /// as a test, which calls `Daemon.shutdown()`).
     public var handlesSignals = true
+    /// Who may connect, how many at once, how long a handshake may take.
+    public var policy = ConnectionPolicy()
     /// Longest wait for open connections to finish their requests on shutdown.
     public var shutdownGrace: TimeAmount = .seconds(30)
 
@@ -45,6 +47,7 @@ public struct DaemonConfiguration: Sendable {
         }
         if !(1...1024).contains(threads) { throw DaemonError("threads must be between 1 and 1024") }
         if eventLoops < 1 { throw DaemonError("at least one event loop is needed") }
+        if policy.maxConnections < 1 { throw DaemonError("at least one connection must be allowed") }
         if let e = exports.first(where: { $0.kind.needsControlSocket }), controlPath == nil {
             throw DaemonError("export '\(e.name)' needs a control socket (its gate is opened through it)")
         }

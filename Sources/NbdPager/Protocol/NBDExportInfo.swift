@@ -60,10 +60,15 @@ public struct NBDSession: Sendable, Hashable {
     public var structuredReplies: Bool
     /// Context id of base:allocation when the client selected it.
     public var baseAllocationContext: UInt32?
+    /// Largest READ/WRITE accepted: the advertised maximum block size when the client asked for the
+    /// block sizes, else `NBDLimits.maxRequestLengthUnadvertised`.
+    public var maximumRequestLength: UInt32
 
-    public init(export: NBDExportInfo, structuredReplies: Bool, baseAllocationContext: UInt32?) {
+    public init(export: NBDExportInfo, structuredReplies: Bool, baseAllocationContext: UInt32?,
+                maximumRequestLength: UInt32 = NBDLimits.maxRequestLength) {
         self.export = export
         self.structuredReplies = structuredReplies
         self.baseAllocationContext = baseAllocationContext
+        self.maximumRequestLength = maximumRequestLength
     }
 }

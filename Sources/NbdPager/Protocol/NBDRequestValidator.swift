@@ -82,11 +82,12 @@ public enum NBDRequestValidator {
             break
         }
         guard h.length > 0 else { return reject(.einval, "\(command) length must not be zero") }
-        if (command == .read || command == .write) && h.length > NBDLimits.maxRequestLength {
+        let limit = session.maximumRequestLength
+        if (command == .read || command == .write) && h.length > limit {
             if command == .read && flags.contains(.dontFragment) {
-                return reject(.eoverflow, "read of \(h.length) bytes is larger than the maximum \(NBDLimits.maxRequestLength)")
+                return reject(.eoverflow, "read of \(h.length) bytes is larger than the maximum \(limit)")
             }
-            return reject(.einval, "\(command) of \(h.length) bytes is larger than the maximum \(NBDLimits.maxRequestLength)")
+            return reject(.einval, "\(command) of \(h.length) bytes is larger than the maximum \(limit)")
         }
         let (end, overflow) = h.offset.addingReportingOverflow(UInt64(h.length))
         guard !overflow, end <= export.size else {

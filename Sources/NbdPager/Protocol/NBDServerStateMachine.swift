@@ -247,7 +247,7 @@ extension NBDServerStateMachine {
                   let export = export(named: name)
             else { return close("NBD_OPT_EXPORT_NAME: no such export") }
             let flags = export.transmissionFlags(structuredReplies: negotiation.structuredReplies)
-            return enter(makeSession(export, negotiation),
+            return enter(makeSession(export, negotiation, blockSizesKnown: false),
                          .exportName(size: export.size, flags: flags, noZeroes: negotiation.noZeroes))
 
         case .abort:
@@ -280,7 +280,8 @@ extension NBDServerStateMachine {
                 preferredBlockSize: max(NBDLimits.preferredBlockSize, export.minimumBlockSize),
                 maximumBlockSize: NBDLimits.maxRequestLength)
             if option == .info { return .sendExportInfo(info) }
-            return enter(makeSession(export, negotiation), .go(info))
+            let knows = requested.contains(NBDInfoType.blockSize.rawValue)
+            return enter(makeSession(export, negotiation, blockSizesKnown: knows), .go(info))
 
         case .structuredReply:
             guard payload.readableBytes == 0 else {
@@ -330,10 +331,12 @@ extension NBDServerStateMachine {
         }
     }
 
-    private func makeSession(_ export: NBDExportInfo, _ negotiation: Negotiation) -> NBDSession {
+    private func makeSession(_ export: NBDExportInfo, _ negotiation: Negotiation, blockSizesKnown: Bool) -> NBDSession {
         let selected = negotiation.metaContextExport.flatMap { self.export(named: $0) }?.name == export.name
         return NBDSession(export: export, structuredReplies: negotiation.structuredReplies,
-                          baseAllocationContext: selected ? NBDLimits.baseAllocationContextID : nil)
+                          baseAllocationContext: selected ? NBDLimits.baseAllocationContextID : nil,
+                          maximumRequestLength: blockSizesKnown ? NBDLimits.maxRequestLength
+                              : NBDLimits.maxRequestLengthUnadvertised)
     }
 
     private mutating func enter(_ session: NBDSession, _ reply: NBDTransmissionReply) -> Action {

@@ -7,15 +7,25 @@ struct ShutdownEvent: Sendable {}
 /// The open connections of a server, so that shutdown can drain them.
 final class ConnectionTracker: Sendable {
     private let state = NIOLockedValueBox<(channels: [ObjectIdentifier: any Channel], shuttingDown: Bool)>(([:], false))
+    private let refusedCount = NIOLockedValueBox(0)
 
-    /// Registers a connection; false when the server is already shutting down.
-    func add(_ channel: any Channel) -> Bool {
+    enum Admission: Equatable { case added, shuttingDown, full(open: Int) }
+
+    /// Registers a connection, unless the server is shutting down or `limit` connections are open.
+    func add(_ channel: any Channel, limit: Int = .max) -> Admission {
         state.withLockedValue { s in
-            guard !s.shuttingDown else { return false }
+            guard !s.shuttingDown else { return .shuttingDown }
+            guard s.channels.count < limit else { return .full(open: s.channels.count) }
             s.channels[ObjectIdentifier(channel)] = channel
-            return true
+            return .added
         }
     }
+
+    /// Counts a connection refused by the policy (address, connection limit).
+    func refused() { refusedCount.withLockedValue { $0 += 1 } }
+
+    /// Connections refused so far.
+    var refusals: Int { refusedCount.withLockedValue { $0 } }
 
     func remove(_ channel: any Channel) {
         _ = state.withLockedValue { $0.channels.removeValue(forKey: ObjectIdentifier(channel)) }

@@ -17,13 +17,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    static let handshakeTimeout: TimeAmount = .seconds(60)
+    /// The first room made for a WRITE payload beyond what has arrived.
+    static let payloadStep = 128 * 1024
 
     private var machine: NBDServerStateMachine
     private var lifecycle = ConnectionLifecycle()
     private var poll: BusyPoll
     private let exports: [String: Export]
     private let tracker: ConnectionTracker
+    private let policy: ConnectionPolicy
     private var logger: Logger
 
     /// Received bytes not parsed yet.
@@ -35,7 +37,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     /// Set in the transmission phase.
     private var executor: RequestExecutor<NBDConnectionHandler>?
 
-    init(exports: [Export], tracker: ConnectionTracker, logger: Logger, pollWindow: TimeAmount = .zero) {
+    init(exports: [Export], tracker: ConnectionTracker, logger: Logger, pollWindow: TimeAmount = .zero,
+         policy: ConnectionPolicy = ConnectionPolicy()) {
+        self.policy = policy
         self.poll = BusyPoll(window: pollWindow)
         self.machine = NBDServerStateMachine(exports: exports.map(\.info))
         var byName: [String: Export] = [:]
@@ -48,7 +52,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     // MARK: channel events
 
     func channelActive(context: ChannelHandlerContext) {
-        guard tracker.add(context.channel) else {
+        let peer = context.channel.remoteAddress
+        var refusal = policy.refusal(peer: peer)
+        if refusal == nil {
+            switch tracker.add(context.channel, limit: policy.maxConnections) {
+            case .added: break
+            case .shuttingDown:
+                lifecycle.closeRequested()
+                context.close(promise: nil)
+                return
+            case .full(let open): refusal = "\(open) connections are open (--max-connections \(policy.maxConnections))"
+            }
+        }
+        if let refusal {
+            tracker.refused()
+            logger.warning("refused connection from \(peer.map { "\($0)" } ?? "?"): \(refusal)")
             lifecycle.closeRequested()
             context.close(promise: nil)
             return
@@ -65,8 +83,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
         }
         writer.flushIfNeeded()
         let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
-        handshakeTimer = context.eventLoop.scheduleTask(in: Self.handshakeTimeout) { [logger] in
-            logger.info("closing connection: handshake not finished in time")
+        handshakeTimer = context.eventLoop.scheduleTask(in: policy.handshakeTimeout) { [logger, policy] in
+            logger.info("closing connection: handshake not finished in \(policy.handshakeTimeout.nanoseconds / 1_000_000_000) s")
             loopBound.value.close(promise: nil)
         }
         context.fireChannelActive()
@@ -202,12 +220,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
                 cumulation = c
             }
         }
-        // Make room for a large WRITE payload in one allocation instead of growing step by step.
+        // Make room for a large WRITE payload in a few allocations rather than many, but never for
+        // more than the client has sent: a buffer grows to at most twice the bytes received (plus
+        // `payloadStep`), so a bare WRITE header cannot make the daemon hold (under --swap: lock) the
+        // memory of the payload it announces.
         let pending = machine.pendingPayloadBytes
-        if pending > 0, var c = cumulation, c.writableBytes < pending - c.readableBytes {
-            cumulation = nil
-            c.reserveCapacity(minimumWritableBytes: pending - c.readableBytes)
-            cumulation = c
+        if pending > 0, var c = cumulation {
+            let missing = pending - c.readableBytes
+            let grant = min(missing, max(c.readableBytes, Self.payloadStep))
+            if c.writableBytes < grant {
+                cumulation = nil
+                c.reserveCapacity(minimumWritableBytes: grant)
+                cumulation = c
+            }
         }
     }
 

@@ -30,10 +30,12 @@ public final class NBDServer: Sendable {
     /// After each request a connection's event loop keeps polling for this long before it sleeps,
     /// trading CPU for the wake-up latency of a latency-bound client. Zero disables it.
     public let pollWindow: TimeAmount
+    public let policy: ConnectionPolicy
 
     public init(exports: [Export], listeners: [NBDListener], group: any EventLoopGroup, logger: Logger,
-                pollWindow: TimeAmount = .zero) {
+                pollWindow: TimeAmount = .zero, policy: ConnectionPolicy = ConnectionPolicy()) {
         self.exports = exports
+        self.policy = policy
         self.pollWindow = pollWindow
         self.listeners = listeners
         self.group = group
@@ -63,6 +65,7 @@ public final class NBDServer: Sendable {
 
     private func bootstrap(for listener: NBDListener) -> EventLoopFuture<any Channel> {
         let exports = self.exports, tracker = self.tracker, logger = self.logger, pollWindow = self.pollWindow
+        let policy = self.policy
         let isTCP: Bool
         if case .tcp = listener { isTCP = true } else { isTCP = false }
         let connectionCounter = NIOLockedValueBox(0)
@@ -83,7 +86,8 @@ public final class NBDServer: Sendable {
             connLogger.debug("connection accepted", metadata: ["peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
             return channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(
-                    NBDConnectionHandler(exports: exports, tracker: tracker, logger: connLogger, pollWindow: pollWindow))
+                    NBDConnectionHandler(exports: exports, tracker: tracker, logger: connLogger, pollWindow: pollWindow,
+                                     policy: policy))
             }
         }
         switch listener {
@@ -96,6 +100,8 @@ public final class NBDServer: Sendable {
 
     /// Connections open now.
     public var connectionCount: Int { tracker.count }
+    /// Connections refused (address not allowed, connection limit, shutting down).
+    public var refusedConnections: Int { tracker.refusals }
 
     /// Stops accepting, lets every connection finish its in-flight requests (up to `grace`), closes the
     /// exports' storage, and removes Unix socket files.

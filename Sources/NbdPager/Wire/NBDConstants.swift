@@ -177,8 +177,13 @@ public struct NBDAllocationFlags: OptionSet, Sendable, Hashable {
 }
 
 public enum NBDLimits {
-    /// Largest request payload (READ/WRITE length) this server accepts: the advertised maximum block size.
+    /// Largest request payload (READ/WRITE length) accepted from a client that asked for the block
+    /// sizes (NBD_INFO_BLOCK_SIZE): the advertised maximum block size.
     public static let maxRequestLength: UInt32 = 32 * 1024 * 1024
+    /// Largest payload accepted from a client that never asked for block sizes (NBD_OPT_EXPORT_NAME,
+    /// or NBD_OPT_GO without NBD_INFO_BLOCK_SIZE): such a client may not know the 32 MiB limit, and
+    /// nbdkit accepts 64 MiB from it too.
+    public static let maxRequestLengthUnadvertised: UInt32 = 64 * 1024 * 1024
     /// Preferred block size advertised in NBD_INFO_BLOCK_SIZE.
     public static let preferredBlockSize: UInt32 = 4096
     /// Longest option payload accepted during the handshake; longer options drop the connection.
