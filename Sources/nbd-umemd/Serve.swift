@@ -87,6 +87,18 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Address to bind the TCP listener to.", valueName: "addr"))
     var bind: String?
 
+    @Option(name: .long, help: ArgumentHelp("TLS for clients (NBD_OPT_STARTTLS): off; on (clients may upgrade); require (every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is up). Needs --tls-certificates or --tls-psk.", valueName: "off|on|require"))
+    var tls: String = TLSSettings.Mode.off.rawValue
+
+    @Option(name: .long, help: ArgumentHelp("x509 credentials in nbdkit's layout: DIR/server-cert.pem, DIR/server-key.pem, and DIR/ca-cert.pem for --tls-verify-peer.", valueName: "dir"))
+    var tlsCertificates: String?
+
+    @Flag(name: .long, help: "With --tls-certificates: clients must present a certificate signed by DIR/ca-cert.pem.")
+    var tlsVerifyPeer = false
+
+    @Option(name: .long, help: ArgumentHelp("Pre-shared keys in GnuTLS psktool's format (lines identity:hexkey); clients use an identity and its key (TLS 1.2).", valueName: "file"))
+    var tlsPsk: String?
+
     @Option(name: .long, help: ArgumentHelp("Accept TCP clients only from this address or network (repeatable; IPv4 or IPv6, e.g. 10.1.0.0/16, fd00::/64, 192.0.2.7). Others are closed before the greeting and logged. Default: any address that can reach the listener (which binds to 127.0.0.1 unless --bind says otherwise). Unix-socket clients are not filtered.", valueName: "addr[/prefix]"),
             transform: { try AddressRange(parsing: $0) })
     var allow: [AddressRange] = []
@@ -161,6 +173,21 @@ struct Serve: ParsableCommand {
         }
         if !(0...10_000).contains(pollUs) { throw ValidationError("--poll-us must be between 0 and 10000") }
         if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
+        guard let tlsMode = TLSSettings.Mode(rawValue: tls) else {
+            throw ValidationError("--tls must be off, on or require, got '\(tls)'")
+        }
+        if tlsCertificates != nil && tlsPsk != nil {
+            throw ValidationError("--tls-certificates and --tls-psk cannot be used together")
+        }
+        if tlsMode == .off && (tlsCertificates != nil || tlsPsk != nil || tlsVerifyPeer) {
+            throw ValidationError("--tls-certificates, --tls-psk and --tls-verify-peer need --tls on or --tls require")
+        }
+        if tlsMode != .off && tlsCertificates == nil && tlsPsk == nil {
+            throw ValidationError("--tls \(tls) needs --tls-certificates DIR or --tls-psk FILE")
+        }
+        if tlsVerifyPeer && tlsCertificates == nil {
+            throw ValidationError("--tls-verify-peer needs --tls-certificates DIR (with ca-cert.pem)")
+        }
         if !(1...65_536).contains(maxConnections) { throw ValidationError("--max-connections must be between 1 and 65536") }
         if !(1...3600).contains(handshakeTimeout) { throw ValidationError("--handshake-timeout must be between 1 and 3600 seconds") }
         if !allow.isEmpty && unix != nil && port == nil && bind == nil {
@@ -211,6 +238,11 @@ struct Serve: ParsableCommand {
         c.swap = swap
         c.threads = threads
         c.pollWindow = .microseconds(Int64(pollUs))
+        if let mode = TLSSettings.Mode(rawValue: tls), mode != .off {
+            let credentials: TLSSettings.Credentials? = tlsPsk.map { .psk(file: $0) }
+                ?? tlsCertificates.map { .x509(directory: $0, verifyPeer: tlsVerifyPeer) }
+            c.tls = TLSSettings(mode: mode, credentials: credentials)
+        }
         c.policy.allow = allow
         c.policy.maxConnections = maxConnections
         c.policy.handshakeTimeout = .seconds(Int64(handshakeTimeout))

@@ -72,7 +72,7 @@ extension StateMachineTests {
                        [.sendOptionReply(NBDOptionReply(option: 99, type: .errUnsupported, message: "option 99 is not supported"))])
         XCTAssertEqual(feedAll(&m, Wire.option(Opt.startTLS)),
                        [.sendOptionReply(NBDOptionReply(option: Opt.startTLS, type: .errUnsupported,
-                                                        message: "TLS is not supported by this server"))])
+                                                        message: "TLS is not enabled on this server (serve --tls)"))])
         XCTAssertEqual(feedAll(&m, Wire.option(Opt.list)),
                        [.sendExportList(NBDExportListReply(option: Opt.list, exports: [
                            .init(name: "disk", description: "the test disk"), .init(name: "other", description: ""),

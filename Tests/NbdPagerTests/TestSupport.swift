@@ -117,6 +117,7 @@ enum RT {
     static let metaContext: UInt32 = 4
     static let errUnsup: UInt32 = 0x8000_0001
     static let errInvalid: UInt32 = 0x8000_0003
+    static let errTLSRequired: UInt32 = 0x8000_0005
     static let errUnknown: UInt32 = 0x8000_0006
 }
 

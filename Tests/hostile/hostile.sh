@@ -2,7 +2,9 @@
 # Hostile clients (Tests/hostile/hostile.py) against one --memory 64M server whose first 32 MiB
 # hold a known pattern: thousands of random/mutated handshakes and request streams. Afterwards the
 # server must still run, serve the pattern unchanged to nbdcopy and nbdinfo, not leak connections,
-# and its resident memory must stay under 512 MiB.
+# and its resident memory must stay under 512 MiB. Then a shorter run against a server with
+# --tls on, where every NBD_OPT_STARTTLS the clients send is followed by garbage in place of the
+# TLS handshake (HOSTILE_TLS_SECONDS, default 20).
 # Environment: HOSTILE_SEED (default: a fixed seed; a number reproduces a run, "random" picks a new
 # one), HOSTILE_CONNS (default 3000),
 # HOSTILE_SECONDS (default 90), HOSTILE_ONLY (replay one connection index).
@@ -62,4 +64,29 @@ say "after: RSS $((rss1 / 1024)) MiB, $fds1 open fds"
 [ "$fds1" -le $((fds0 + 4)) ] || fail "server holds $fds1 fds after all hostile clients closed (was $fds0): leaked connections?"
 
 stop_server_ok srv
+
+# The same clients against a TLS server: garbage before, in place of and after the TLS handshake.
+make_psk "$T/keys.psk" alice
+serve_unix tls --memory 64M --tls on --tls-psk "$T/keys.psk"
+TLS_URI="nbds+unix://alice@/?socket=$(sock tls)&tls-psk-file=$T/keys.psk"
+tmo 120 nbdcopy "$T/pattern.img" "$TLS_URI" || fail "could not write the pattern over TLS"
+fds0=$(ls "/proc/${SRV_PID[tls]}/fd" | wc -l)
+rc=0
+tmo $(( ${HOSTILE_TLS_SECONDS:-20} + 120 )) "$PY" "$HOSTILE_DIR/hostile.py" --sock "$(sock tls)" --pid "${SRV_PID[tls]}" \
+    --pattern-file "$T/pattern.img" --max-conns 1000 --max-seconds "${HOSTILE_TLS_SECONDS:-20}" \
+    --rss-limit-mib "$RSS_LIMIT_MIB" || rc=$?
+soft test "$rc" -eq 0
+assert_alive tls
+rm -f "$T/after.img"
+tmo 120 nbdcopy "$TLS_URI" "$T/after.img" || fail "nbdcopy over TLS failed after the hostile clients"
+cmp -s -n $((32 << 20)) "$T/pattern.img" "$T/after.img" || fail "the protected first 32 MiB changed on the TLS server"
+tmo 30 nbdinfo --size "$(uri tls)" >/dev/null || fail "a plain client is not served by --tls on after the hostile clients"
+for _ in $(seq 1 50); do
+    fds1=$(ls "/proc/${SRV_PID[tls]}/fd" | wc -l)
+    [ "$fds1" -le $((fds0 + 4)) ] && break
+    sleep 0.2
+done
+[ "$fds1" -le $((fds0 + 4)) ] || fail "the TLS server holds $fds1 fds after all hostile clients closed (was $fds0)"
+say "ok: TLS server: alive, pattern intact over TLS, plain clients served, no leaked connections"
+stop_server_ok tls
 pass

@@ -413,3 +413,36 @@ run_fio() {
     fi
     say "ok: $what: $(grep -E '^ +(READ|WRITE):' "$T/fio.out" | sed 's/ (.*//' | tr -s ' ' | tr '\n' ';')"
 }
+
+# ---- TLS credentials -------------------------------------------------------------------------------
+
+# make_pki DIR [CN]: a fresh CA and, signed by it, a server certificate for CN (default localhost, also
+# 127.0.0.1 and ::1) and a client certificate, in nbdkit's and libnbd's layout: DIR/ca-cert.pem,
+# DIR/server-cert.pem, DIR/server-key.pem, DIR/client-cert.pem, DIR/client-key.pem (and the CA's key).
+make_pki() {
+    local d=$1 cn=${2:-localhost}
+    mkdir -p "$d"
+    (
+        cd "$d" || exit 1
+        certtool --generate-privkey --outfile ca-key.pem 2>/dev/null
+        printf 'cn = test CA %s\nca\ncert_signing_key\nexpiration_days = 30\n' "$d" >ca.info
+        certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile ca-cert.pem 2>/dev/null
+        certtool --generate-privkey --outfile server-key.pem 2>/dev/null
+        printf 'cn = %s\ndns_name = %s\nip_address = 127.0.0.1\nip_address = ::1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n' \
+            "$cn" "$cn" >server.info
+        certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+            --load-privkey server-key.pem --template server.info --outfile server-cert.pem 2>/dev/null
+        certtool --generate-privkey --outfile client-key.pem 2>/dev/null
+        printf 'cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 30\n' >client.info
+        certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+            --load-privkey client-key.pem --template client.info --outfile client-cert.pem 2>/dev/null
+        chmod 600 ./*-key.pem
+    ) || fail "make_pki $d: certtool failed"
+    [ -s "$d/server-cert.pem" ] && [ -s "$d/client-cert.pem" ] || fail "make_pki $d: no certificates"
+}
+
+# make_psk FILE IDENTITY: a fresh pre-shared key file (psktool's format).
+make_psk() {
+    rm -f "$1"
+    psktool -u "$2" -p "$1" >/dev/null 2>&1 || fail "psktool -u $2 -p $1 failed"
+}

@@ -3,8 +3,9 @@
 // returns nil; once an action ends the connection nothing more is fed; at the end of the input the
 // connection closes (markClosed). Every action is checked against what the protocol allows.
 //
-// Input: byte 0 picks the export's capabilities (bit 0: read-only), byte 1 how the stream is chunked,
-// bytes 2-3 seed the chunk sizes; the rest is what the client sends after the greeting.
+// Input: byte 0 picks the export's capabilities (bit 0: read-only), byte 1 how the stream is chunked
+// (its top two bits also pick the TLS policy: off, optional, required), bytes 2-3 seed the chunk
+// sizes; the rest is what the client sends after the greeting.
 import FuzzSupport
 import NIOCore
 import NbdPager
@@ -30,6 +31,8 @@ func exports(_ config: UInt8) -> [NBDExportInfo] {
 enum Step {
     /// Bytes for the client, the connection goes on.
     case send(bytes: Int)
+    /// NBD_OPT_STARTTLS's ACK; the rest of the stream would come through TLS.
+    case startTLS(bytes: Int)
     /// Bytes for the client, and the transmission phase starts with this session.
     case enterTransmission(bytes: Int, session: NBDSession)
     /// A request to run; `payload` is the byte count of a WRITE's data.
@@ -45,8 +48,8 @@ struct Machine {
     private var machine: NBDServerStateMachine
 
     /// A machine for `exports` that has sent its greeting; returns the greeting's length.
-    init(exports: [NBDExportInfo], greetingBytes: inout Int) {
-        machine = NBDServerStateMachine(exports: exports)
+    init(exports: [NBDExportInfo], tls: NBDServerStateMachine.TLSPolicy, greetingBytes: inout Int) {
+        machine = NBDServerStateMachine(exports: exports, tls: tls)
         greetingBytes = machine.greeting().readableBytes
     }
 
@@ -57,6 +60,7 @@ struct Machine {
         switch action {
         case .sendGreeting, .sendOptionReply, .sendExportList, .sendExportInfo, .sendMetaContexts:
             return .send(bytes: bytes)
+        case .startTLS: return .startTLS(bytes: bytes)
         case .enterTransmission(let session, _): return .enterTransmission(bytes: bytes, session: session)
         case .request(let request, let payload): return .request(request, payload: payload?.readableBytes)
         case .reject(let rejection): return .reject(rejection)
@@ -67,6 +71,7 @@ struct Machine {
     var pendingPayloadBytes: Int { machine.pendingPayloadBytes }
     var isInTransmission: Bool { machine.isInTransmission }
     var isClosed: Bool { machine.isClosed }
+    var isTLSActive: Bool { machine.isTLSActive }
     mutating func markClosed() { machine.markClosed() }
 }
 
@@ -75,13 +80,16 @@ struct Connection {
     var machine: Machine
     var cumulation = ByteBuffer()
     var session: NBDSession?
+    let tls: NBDServerStateMachine.TLSPolicy
+    var tlsActive = false
     var ended = false
     var fed = 0
     var steps = 0
 
-    init(exports: [NBDExportInfo]) {
+    init(exports: [NBDExportInfo], tls: NBDServerStateMachine.TLSPolicy) {
         var greeting = 0
-        machine = Machine(exports: exports, greetingBytes: &greeting)
+        self.tls = tls
+        machine = Machine(exports: exports, tls: tls, greetingBytes: &greeting)
         require(greeting == 18, "greeting is \(greeting) bytes")
     }
 
@@ -95,7 +103,7 @@ struct Connection {
             require(steps <= fed, "\(steps) actions from \(fed) bytes")
             check(step)
         }
-        require(machine.pendingPayloadBytes <= Int(NBDLimits.maxRequestLength),
+        require(machine.pendingPayloadBytes <= Int(NBDLimits.maxRequestLengthUnadvertised),
                 "pending payload of \(machine.pendingPayloadBytes) bytes")
         if cumulation.readerIndex > 1 << 16 { cumulation.discardReadBytes() }
     }
@@ -113,13 +121,24 @@ struct Connection {
         case .send(let n):
             require(session == nil, "option reply in the transmission phase")
             require(n >= 20, "option reply of \(n) bytes")
+        case .startTLS(let n):
+            require(session == nil, "STARTTLS in the transmission phase")
+            require(tls != .off, "STARTTLS accepted with TLS off")
+            require(!tlsActive, "STARTTLS accepted twice")
+            require(n == 20, "STARTTLS ACK of \(n) bytes")
+            tlsActive = true
+            require(machine.isTLSActive, "machine not in TLS after STARTTLS")
         case .enterTransmission(let n, let s):
+            require(tls != .required || tlsActive, "transmission without TLS, which is required")
+            require(s.tls == tlsActive, "session TLS \(s.tls), connection \(tlsActive)")
             require(session == nil, "second transmission phase")
             require(n >= 10, "export reply of \(n) bytes")
             require(machine.isInTransmission, "machine not in transmission after entering it")
             session = s
         case .request(let r, let payload):
             guard let session else { return require(false, "request \(r.command) before transmission") }
+            require(r.length <= session.maximumRequestLength || ![.read, .write].contains(r.command),
+                    "\(r.command) of \(r.length) bytes over the session's maximum")
             let export = session.export
             require(r.command != .disconnect, "disconnect dispatched as a request")
             if export.readOnly {
@@ -161,7 +180,8 @@ public func fuzzStateMachine(_ data: UnsafeRawPointer?, _ size: Int) -> CInt {
     var sizes = SplitMix64(seed: UInt64(input.integer(UInt16.self)) | UInt64(chunking) << 16)
     let stream = input.rest()
 
-    var connection = Connection(exports: exports(config))
+    let policies: [NBDServerStateMachine.TLSPolicy] = [.off, .optional, .required, .off]
+    var connection = Connection(exports: exports(config), tls: policies[Int(chunking >> 6)])
     var offset = 0
     while offset < stream.count && !connection.ended {
         let n: Int

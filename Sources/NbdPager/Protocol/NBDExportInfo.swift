@@ -63,6 +63,8 @@ public struct NBDSession: Sendable, Hashable {
     /// Largest READ/WRITE accepted: the advertised maximum block size when the client asked for the
     /// block sizes, else `NBDLimits.maxRequestLengthUnadvertised`.
     public var maximumRequestLength: UInt32
+    /// The connection runs over TLS.
+    public var tls = false
 
     public init(export: NBDExportInfo, structuredReplies: Bool, baseAllocationContext: UInt32?,
                 maximumRequestLength: UInt32 = NBDLimits.maxRequestLength) {

@@ -7,7 +7,7 @@ extension NBDServerStateMachine.Action {
         var b = ByteBuffer()
         switch self {
         case .sendGreeting: b.writeNBDGreeting()
-        case .sendOptionReply(let reply), .sendOptionReplyAndClose(let reply): b.writeOptionReply(reply)
+        case .sendOptionReply(let reply), .sendOptionReplyAndClose(let reply), .startTLS(let reply): b.writeOptionReply(reply)
         case .sendExportList(let reply): b.writeExportListReply(reply)
         case .sendExportInfo(let reply): b.writeExportInfoReply(reply)
         case .sendMetaContexts(let reply): b.writeMetaContextReply(reply)

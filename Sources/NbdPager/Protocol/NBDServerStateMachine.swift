@@ -22,6 +22,9 @@ import NIOCore
 /// | options        | LIST                          | options             | sendExportList                |
 /// | options        | (LIST|SET)_META_CONTEXT       | options             | sendMetaContexts              |
 /// | options        | ABORT                         | closed              | sendOptionReplyAndClose (ACK) |
+/// | options        | STARTTLS (TLS on, not active) | options (TLS, reset)| startTLS (ACK)                |
+/// | options        | TLS required, not active: EXPORT_NAME | closed      | close                         |
+/// | options        | TLS required, not active: other | options           | sendOptionReply (TLS_REQD)    |
 /// | options        | other / invalid option        | options             | sendOptionReply (error)       |
 /// | transmission   | bad request magic             | closed              | close                         |
 /// | transmission   | valid WRITE header            | payload             | (none, wait for the payload)  |
@@ -56,6 +59,14 @@ public struct NBDServerStateMachine: Sendable {
         case close(reason: String)
         /// NBD_CMD_DISC: finish in-flight requests, then close.
         case disconnect
+        /// Send this ACK to NBD_OPT_STARTTLS in plain text, then run the TLS handshake as the server
+        /// (nothing the client sent after the option may be parsed: it must wait for the ACK).
+        case startTLS(NBDOptionReply)
+    }
+
+    /// Whether the server offers TLS (NBD_OPT_STARTTLS) and whether it requires it.
+    public enum TLSPolicy: Sendable, Hashable {
+        case off, optional, required
     }
 
     /// What the client negotiated so far in the handshake.
@@ -65,13 +76,16 @@ public struct NBDServerStateMachine: Sendable {
         public var structuredReplies = false
         /// base:allocation selected by SET_META_CONTEXT, with the export name it was selected for.
         public var metaContextExport: String?
+        /// NBD_OPT_STARTTLS was accepted: the rest of the connection runs over TLS.
+        public var tlsActive = false
 
         public init(noZeroes: Bool = false, optionCount: Int = 0, structuredReplies: Bool = false,
-                    metaContextExport: String? = nil) {
+                    metaContextExport: String? = nil, tlsActive: Bool = false) {
             self.noZeroes = noZeroes
             self.optionCount = optionCount
             self.structuredReplies = structuredReplies
             self.metaContextExport = metaContextExport
+            self.tlsActive = tlsActive
         }
     }
 
@@ -90,9 +104,20 @@ public struct NBDServerStateMachine: Sendable {
 
     public private(set) var state: State = .greeting
     public let exports: [NBDExportInfo]
+    public let tls: TLSPolicy
 
-    public init(exports: [NBDExportInfo]) {
+    public init(exports: [NBDExportInfo], tls: TLSPolicy = .off) {
         self.exports = exports
+        self.tls = tls
+    }
+
+    /// Whether the connection runs over TLS (NBD_OPT_STARTTLS was accepted).
+    public var isTLSActive: Bool {
+        switch state {
+        case .options(let n): return n.tlsActive
+        case .transmission(let s), .payload(let s, _), .discarding(let s, _, _): return s.tls
+        case .greeting, .clientFlags, .closed: return false
+        }
     }
 
     /// The negotiated session, once in the transmission phase.
@@ -236,6 +261,12 @@ extension NBDServerStateMachine {
             .sendOptionReply(NBDOptionReply(option: code, type: type, message: message))
         }
         state = .options(negotiation)
+        if tls == .required && !negotiation.tlsActive && code != NBDOption.startTLS.rawValue
+            && code != NBDOption.abort.rawValue {
+            // NBD_OPT_EXPORT_NAME has no error reply: the spec says to drop the connection.
+            if code == NBDOption.exportName.rawValue { return close("NBD_OPT_EXPORT_NAME before TLS, which this server requires") }
+            return reply(.errTLSRequired, "this server requires TLS: send NBD_OPT_STARTTLS first")
+        }
         guard let option = NBDOption(rawValue: code) else {
             return reply(.errUnsupported, "option \(code) is not supported")
         }
@@ -260,7 +291,13 @@ extension NBDServerStateMachine {
                 option: code, exports: exports.map { .init(name: $0.name, description: $0.description) }))
 
         case .startTLS:
-            return reply(.errUnsupported, "TLS is not supported by this server")
+            guard tls != .off else { return reply(.errUnsupported, "TLS is not enabled on this server (serve --tls)") }
+            guard !negotiation.tlsActive else { return reply(.errInvalid, "TLS is already active") }
+            guard payload.readableBytes == 0 else { return reply(.errInvalid, "NBD_OPT_STARTTLS takes no data") }
+            // What was negotiated in plain text does not carry over into TLS.
+            state = .options(Negotiation(noZeroes: negotiation.noZeroes, optionCount: negotiation.optionCount,
+                                         tlsActive: true))
+            return .startTLS(NBDOptionReply(option: code, type: .ack))
 
         case .info, .go:
             guard let request = ByteBuffer.parseInfoRequest(payload) else {
@@ -333,10 +370,12 @@ extension NBDServerStateMachine {
 
     private func makeSession(_ export: NBDExportInfo, _ negotiation: Negotiation, blockSizesKnown: Bool) -> NBDSession {
         let selected = negotiation.metaContextExport.flatMap { self.export(named: $0) }?.name == export.name
-        return NBDSession(export: export, structuredReplies: negotiation.structuredReplies,
-                          baseAllocationContext: selected ? NBDLimits.baseAllocationContextID : nil,
-                          maximumRequestLength: blockSizesKnown ? NBDLimits.maxRequestLength
-                              : NBDLimits.maxRequestLengthUnadvertised)
+        var session = NBDSession(export: export, structuredReplies: negotiation.structuredReplies,
+                                 baseAllocationContext: selected ? NBDLimits.baseAllocationContextID : nil,
+                                 maximumRequestLength: blockSizesKnown ? NBDLimits.maxRequestLength
+                                     : NBDLimits.maxRequestLengthUnadvertised)
+        session.tls = negotiation.tlsActive
+        return session
     }
 
     private mutating func enter(_ session: NBDSession, _ reply: NBDTransmissionReply) -> Action {

@@ -27,6 +27,16 @@ public struct ConnectionPolicy: Sendable {
     }
 }
 
+/// A peer as logs show it: `192.0.2.7:41234`, `[fd00::5]:41234`, or `unix`.
+func peerDescription(_ peer: SocketAddress?) -> String {
+    guard let peer else { return "?" }
+    switch peer {
+    case .v4: return "\(peer.ipAddress ?? "?"):\(peer.port ?? 0)"
+    case .v6: return "[\(peer.ipAddress ?? "?")]:\(peer.port ?? 0)"
+    case .unixDomainSocket: return "unix"
+    }
+}
+
 /// An IPv4 or IPv6 address with a prefix length (`10.0.0.0/8`, `fd00::/64`, `192.0.2.7`).
 public struct AddressRange: Sendable, Hashable, CustomStringConvertible {
     /// 4 or 16 bytes, network order, with the bits past the prefix cleared.

@@ -2,6 +2,7 @@ import CLinux
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// Runs one NBD connection: feeds received bytes to `NBDServerStateMachine`, reports what happens on the
 /// channel to `ConnectionLifecycle`, and carries out the actions both return.
@@ -26,6 +27,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     private let exports: [String: Export]
     private let tracker: ConnectionTracker
     private let policy: ConnectionPolicy
+    private let tls: TLSServer?
     private var logger: Logger
 
     /// Received bytes not parsed yet.
@@ -38,10 +40,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     private var executor: RequestExecutor<NBDConnectionHandler>?
 
     init(exports: [Export], tracker: ConnectionTracker, logger: Logger, pollWindow: TimeAmount = .zero,
-         policy: ConnectionPolicy = ConnectionPolicy()) {
+         policy: ConnectionPolicy = ConnectionPolicy(), tls: TLSServer? = nil) {
         self.policy = policy
+        self.tls = tls
         self.poll = BusyPoll(window: pollWindow)
-        self.machine = NBDServerStateMachine(exports: exports.map(\.info))
+        let tlsPolicy: NBDServerStateMachine.TLSPolicy
+        switch tls?.mode {
+        case .require?: tlsPolicy = .required
+        case .on?: tlsPolicy = .optional
+        case .off?, nil: tlsPolicy = .off
+        }
+        self.machine = NBDServerStateMachine(exports: exports.map(\.info), tls: tlsPolicy)
         var byName: [String: Export] = [:]
         for e in exports where byName[e.info.name] == nil { byName[e.info.name] = e }
         self.exports = byName
@@ -66,7 +75,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
         }
         if let refusal {
             tracker.refused()
-            logger.warning("refused connection from \(peer.map { "\($0)" } ?? "?"): \(refusal)")
+            logger.warning("refused connection from \(peerDescription(peer)): \(refusal)")
             lifecycle.closeRequested()
             context.close(promise: nil)
             return
@@ -105,7 +114,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.debug("connection error: \(error)")
+        if machine.isTLSActive, error is NIOSSLError || error is BoringSSLError {
+            let peer = peerDescription(context.channel.remoteAddress)
+            if machine.isInTransmission {
+                logger.info("TLS error from \(peer): \(TLSServer.explain(error))")
+            } else {
+                logger.warning("TLS handshake with \(peer) failed: \(TLSServer.explain(error))")
+            }
+        } else {
+            logger.debug("connection error: \(error)")
+        }
         context.close(promise: nil)
     }
 
@@ -266,6 +284,26 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
             lifecycle.closeRequested()
             writer.flushIfNeeded()
             context.close(promise: nil)
+        case .startTLS:
+            // Bytes after the option were sent before the client saw the ACK: plain text that would
+            // be taken as coming from inside TLS. The spec forbids them; drop the connection.
+            if let c = cumulation, c.readableBytes > 0 {
+                logger.info("closing connection: \(c.readableBytes) bytes after NBD_OPT_STARTTLS, before the TLS handshake")
+                lifecycle.closeRequested()
+                context.close(promise: nil)
+                return
+            }
+            guard let tls else { return }
+            if let bytes = action.handshakeReply { writer.send(bytes) }
+            writer.flushIfNeeded()
+            writer.stopDirectWrites()
+            do {
+                try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
+            } catch {
+                logger.error("cannot start TLS: \(error)")
+                lifecycle.closeRequested()
+                context.close(promise: nil)
+            }
         case .enterTransmission(let session, _):
             handshakeTimer?.cancel()
             handshakeTimer = nil

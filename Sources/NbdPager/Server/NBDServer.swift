@@ -31,11 +31,21 @@ public final class NBDServer: Sendable {
     /// trading CPU for the wake-up latency of a latency-bound client. Zero disables it.
     public let pollWindow: TimeAmount
     public let policy: ConnectionPolicy
+    let tls: TLSServer?
 
+    /// Throws when the TLS credentials cannot be loaded.
     public init(exports: [Export], listeners: [NBDListener], group: any EventLoopGroup, logger: Logger,
-                pollWindow: TimeAmount = .zero, policy: ConnectionPolicy = ConnectionPolicy()) {
+                pollWindow: TimeAmount = .zero, policy: ConnectionPolicy = ConnectionPolicy(),
+                tls: TLSSettings? = nil) throws(DaemonError) {
         self.exports = exports
         self.policy = policy
+        if let tls, tls.mode != .off {
+            let server = try TLSServer(tls)
+            self.tls = server
+            logger.info("TLS \(tls.mode.rawValue): \(server.summary)")
+        } else {
+            self.tls = nil
+        }
         self.pollWindow = pollWindow
         self.listeners = listeners
         self.group = group
@@ -65,7 +75,7 @@ public final class NBDServer: Sendable {
 
     private func bootstrap(for listener: NBDListener) -> EventLoopFuture<any Channel> {
         let exports = self.exports, tracker = self.tracker, logger = self.logger, pollWindow = self.pollWindow
-        let policy = self.policy
+        let policy = self.policy, tls = self.tls
         let isTCP: Bool
         if case .tcp = listener { isTCP = true } else { isTCP = false }
         let connectionCounter = NIOLockedValueBox(0)
@@ -87,7 +97,7 @@ public final class NBDServer: Sendable {
             return channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(
                     NBDConnectionHandler(exports: exports, tracker: tracker, logger: connLogger, pollWindow: pollWindow,
-                                     policy: policy))
+                                     policy: policy, tls: tls))
             }
         }
         switch listener {

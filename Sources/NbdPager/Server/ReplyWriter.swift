@@ -8,8 +8,9 @@ import NIOCore
 /// replies). Event loop only.
 final class ReplyWriter {
     let context: ChannelHandlerContext
-    /// Writes small read replies from the thread that receives a demand miss's data (lazy exports).
-    let direct: DirectReplyWriter?
+    /// Writes small read replies from the thread that receives a demand miss's data (lazy exports);
+    /// dropped when the connection upgrades to TLS (its bytes must go through the TLS handler).
+    private(set) var direct: DirectReplyWriter?
     /// Structured replies were negotiated: errors go as error chunks, reads as OFFSET_DATA chunks.
     var structured = false
     /// Something was written since the last flush.
@@ -53,6 +54,12 @@ final class ReplyWriter {
         header.writeReadReplyHeader(cookie: request.cookie, offset: request.offset, dataLength: dataLength,
                                     structured: structured)
         return header
+    }
+
+    /// From now on every reply goes through the pipeline (NBD_OPT_STARTTLS).
+    func stopDirectWrites() {
+        direct?.close()
+        direct = nil
     }
 
     func flushIfNeeded() {
