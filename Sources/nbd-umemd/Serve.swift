@@ -30,8 +30,20 @@ struct Serve: ParsableCommand {
             transform: { try SizeParser.parse($0) })
     var memory: UInt64?
 
-    @Option(name: .long, help: ArgumentHelp("Serve a lazy copy of this NBD source (a libnbd URI such as nbd://host:10809/name or nbd+unix:///?socket=PATH): pages are pulled on first access into --store.", valueName: "uri"))
+    @Option(name: .long, help: ArgumentHelp("Serve a lazy copy of this NBD source (a libnbd URI such as nbd://host:10809/name, nbd+unix:///?socket=PATH, or nbds://host/name for TLS: see --source-tls-*): pages are pulled on first access into --store.", valueName: "uri"))
     var source: String?
+
+    @Option(name: .long, help: ArgumentHelp("TLS to an nbds:// source: x509 credentials, DIR/ca-cert.pem (and DIR/client-cert.pem, DIR/client-key.pem if the source checks client certificates).", valueName: "dir"))
+    var sourceTlsCertificates: String?
+
+    @Option(name: .long, help: ArgumentHelp("TLS to an nbds:// source: pre-shared keys in psktool's format.", valueName: "file"))
+    var sourceTlsPsk: String?
+
+    @Option(name: .long, help: ArgumentHelp("TLS to an nbds:// source: the PSK identity (or write it in the URI: nbds://NAME@host/).", valueName: "name"))
+    var sourceTlsUsername: String?
+
+    @Flag(name: .long, inversion: .prefixedNo, help: "TLS to an nbds:// source: check its certificate against ca-cert.pem and its host name.")
+    var sourceTlsVerifyPeer = true
 
     @Option(name: .long, help: ArgumentHelp("Directory holding the lazy export's pulled pages and page-state map (created if missing).", valueName: "dir"))
     var store: String?
@@ -152,6 +164,15 @@ struct Serve: ParsableCommand {
         if source == nil && (maxRate != nil || hotList != nil || recordFaults != nil || progress || gated) {
             throw ValidationError("--max-rate, --hot-list, --record-faults, --progress and --gated only apply to --source")
         }
+        if sourceTlsCertificates != nil || sourceTlsPsk != nil || sourceTlsUsername != nil || !sourceTlsVerifyPeer {
+            guard let source else { throw ValidationError("--source-tls-* only apply to --source") }
+            guard SourceTLS.uriRequiresTLS(source) else {
+                throw ValidationError("--source-tls-* need a TLS source URI (nbds://HOST/NAME or nbds+unix:///NAME?socket=PATH)")
+            }
+            if sourceTlsCertificates != nil && sourceTlsPsk != nil {
+                throw ValidationError("--source-tls-certificates and --source-tls-psk cannot be used together")
+            }
+        }
         if gated && control == nil { throw ValidationError("--gated needs --control PATH (the gate is opened through it)") }
         if let swapSize {
             if source == nil { throw ValidationError("--swap-size only applies to --source") }
@@ -223,6 +244,8 @@ struct Serve: ParsableCommand {
             lazy.gated = gated
             lazy.progress = progress
             lazy.swapSize = swapSize
+            lazy.sourceTLS = SourceTLS(certificates: sourceTlsCertificates, pskFile: sourceTlsPsk,
+                                       username: sourceTlsUsername, verifyPeer: sourceTlsVerifyPeer)
             return lazy
         }
         return MemoryExport(size: memory ?? 0)

@@ -29,6 +29,8 @@ public struct LazyExport: ExportKind {
 
     /// The source: a libnbd URI.
     public var source: String
+    /// TLS credentials for an `nbds://` source.
+    public var sourceTLS = SourceTLS()
     /// The page store's directory.
     public var store: String
     public var resetStore = false
@@ -59,9 +61,9 @@ public struct LazyExport: ExportKind {
     /// Connects to the source, opens (or creates) the store, and marks the source's zero extents present.
     public func open(_ context: ExportContext) async throws -> LazyOpenedExport {
         let logger = context.logger, pool = context.runtime.threadPool
-        let uri = source, connections = sourceConnections
+        let uri = source, connections = sourceConnections, tls = sourceTLS
         let remote = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), threadPool: pool, logger: logger) {
-            try LibnbdSource.connect(uri: uri, connections: connections, logger: logger)
+            try LibnbdSource.connect(uri: uri, connections: connections, tls: tls, logger: logger)
         }
         let pages: PageStore
         var slots: SwapSlots? = nil
@@ -80,7 +82,7 @@ public struct LazyExport: ExportKind {
             let n = prefetchConnections
             do {
                 background = try ReconnectingSource(timeout: .seconds(Int64(sourceTimeout)), threadPool: pool, logger: logger) {
-                    try LibnbdSource.connect(uri: uri, connections: n, logger: logger)
+                    try LibnbdSource.connect(uri: uri, connections: n, tls: tls, logger: logger)
                 }
             } catch {
                 remote.close()

@@ -6,6 +6,33 @@ import NIOCore
 import Glibc
 #endif
 
+/// TLS on the link to the source, through libnbd (GnuTLS): an `nbds://` or `nbds+unix://` URI
+/// requires it. Credentials may also be given in the URI (`?tls-certificates=DIR`,
+/// `?tls-psk-file=FILE`, `alice@` for the PSK identity).
+public struct SourceTLS: Sendable, Hashable {
+    /// x509: DIR/ca-cert.pem (and DIR/client-cert.pem, DIR/client-key.pem when the source checks
+    /// client certificates).
+    public var certificates: String?
+    /// psktool keys: FILE with `identity:hexkey` lines.
+    public var pskFile: String?
+    /// The identity (PSK) or certificate user name; libnbd's default is the local user name.
+    public var username: String?
+    /// Check the source's certificate against the CA and its host name (on unless turned off).
+    public var verifyPeer = true
+
+    public init(certificates: String? = nil, pskFile: String? = nil, username: String? = nil, verifyPeer: Bool = true) {
+        self.certificates = certificates
+        self.pskFile = pskFile
+        self.username = username
+        self.verifyPeer = verifyPeer
+    }
+
+    /// Whether `uri` asks for TLS (`nbds://`, `nbds+unix://`, `nbds+vsock://`).
+    public static func uriRequiresTLS(_ uri: String) -> Bool {
+        uri.hasPrefix("nbds://") || uri.hasPrefix("nbds+")
+    }
+}
+
 /// A remote NBD export (nbdkit, qemu-nbd, nbd-umemd) read through libnbd.
 ///
 /// Holds `connections` libnbd handles, each with a dedicated event thread (see NbdConnection).
@@ -52,7 +79,8 @@ public final class LibnbdSource: RemoteSource {
     /// Opens `connections` handles to `uri` (blocking: connect and NBD handshake happen here) and
     /// starts their event threads. URIs as libnbd understands them: `nbd+unix:///?socket=PATH`,
     /// `nbd://127.0.0.1:10809/name`, ...
-    public static func connect(uri: String, connections count: Int = 2, logger: Logger) throws -> LibnbdSource {
+    public static func connect(uri: String, connections count: Int = 2, tls: SourceTLS = SourceTLS(),
+                               logger: Logger) throws -> LibnbdSource {
         guard count >= 1 else { throw SourceError.invalidArgument("need at least one connection, got \(count)") }
         var opened: [NbdConnection] = []
         var size: UInt64 = 0
@@ -61,7 +89,7 @@ public final class LibnbdSource: RemoteSource {
         var minBlock: UInt64 = 1
         do {
             for index in 0..<count {
-                let handle = try openHandle(uri: uri, index: index)
+                let handle = try openHandle(uri: uri, index: index, tls: tls)
                 let s = nbd_get_size(handle)
                 guard s >= 0 else {
                     let message = NbdConnection.lastError()
@@ -105,7 +133,7 @@ public final class LibnbdSource: RemoteSource {
         return source
     }
 
-    private static func openHandle(uri: String, index: Int) throws -> OpaquePointer {
+    private static func openHandle(uri: String, index: Int, tls: SourceTLS) throws -> OpaquePointer {
         guard let handle = nbd_create() else {
             throw SourceError.connect("nbd_create: \(NbdConnection.lastError())")
         }
@@ -119,7 +147,16 @@ public final class LibnbdSource: RemoteSource {
         guard nbd_add_meta_context(handle, "base:allocation") == 0 else { throw fail("nbd_add_meta_context") }
         // Buffers of failed reads are never handed out, so libnbd need not zero them first.
         _ = nbd_set_pread_initialize(handle, false)
-        guard nbd_connect_uri(handle, uri) == 0 else { throw fail("connect") }
+        // The URI comes from the operator: it may name credential files (?tls-psk-file=...).
+        _ = nbd_set_uri_allow_local_file(handle, true)
+        if let dir = tls.certificates, nbd_set_tls_certificates(handle, dir) != 0 { throw fail("TLS certificates \(dir)") }
+        if let file = tls.pskFile, nbd_set_tls_psk_file(handle, file) != 0 { throw fail("TLS PSK file \(file)") }
+        if let name = tls.username, nbd_set_tls_username(handle, name) != 0 { throw fail("TLS user name") }
+        _ = nbd_set_tls_verify_peer(handle, tls.verifyPeer)
+        guard nbd_connect_uri(handle, uri) == 0 else {
+            if SourceTLS.uriRequiresTLS(uri) { throw fail("TLS connect (check the credentials, and that the source's certificate is signed by the CA in ca-cert.pem and names this host)") }
+            throw fail("connect")
+        }
         return handle
     }
 

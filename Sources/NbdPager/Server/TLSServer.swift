@@ -89,6 +89,8 @@ final class TLSServer: Sendable {
             }
             summary = "pre-shared keys from \(file) (\(keys.count) identit\(keys.count == 1 ? "y" : "ies"))"
         }
+        // A client that closes without close_notify (libnbd, QEMU) must not hold up shutdown for 5 s.
+        configuration.shutdownTimeout = .seconds(1)
         do {
             context = try NIOSSLContext(configuration: configuration)
         } catch {
