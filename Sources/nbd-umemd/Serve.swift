@@ -26,9 +26,8 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serve this regular file or block device.", valueName: "path"))
     var file: String?
 
-    @Option(name: .long, help: ArgumentHelp("Serve a zero-filled RAM export of this size (e.g. 512M, 2G).", valueName: "size"),
-            transform: { try SizeParser.parse($0) })
-    var memory: UInt64?
+    @Option(name: .long, help: ArgumentHelp("Serve a zero-filled RAM export of this size (e.g. 512M, 2G).", valueName: "size"))
+    var memory: String?
 
     @Option(name: .long, help: ArgumentHelp("Serve a lazy copy of this NBD source (a libnbd URI such as nbd://host:10809/name, nbd+unix:///?socket=PATH, or nbds://host/name for TLS: see --source-tls-*): pages are pulled on first access into --store.", valueName: "uri"))
     var source: String?
@@ -42,7 +41,7 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("TLS to an nbds:// source: the PSK identity (or write it in the URI: nbds://NAME@host/).", valueName: "name"))
     var sourceTlsUsername: String?
 
-    @Flag(name: .long, inversion: .prefixedNo, help: "TLS to an nbds:// source: check its certificate against ca-cert.pem and its host name.")
+    @Flag(name: .long, inversion: .prefixedNo, help: "TLS to an nbds:// source: check its certificate against ca-cert.pem and its host name (default: on).")
     var sourceTlsVerifyPeer = true
 
     @Option(name: .long, help: ArgumentHelp("Directory holding the lazy export's pulled pages and page-state map (created if missing).", valueName: "dir"))
@@ -51,25 +50,23 @@ struct Serve: ParsableCommand {
     @Flag(name: .long, help: "Discard a --store that belongs to another source (or any store) and start empty.")
     var resetStore = false
 
-    @Option(name: .long, help: ArgumentHelp("Bytes pulled around a missing page, aligned (e.g. 4K, 64K).", valueName: "size"),
-            transform: { try SizeParser.parse($0) })
-    var fetchSize: UInt64 = 64 * 1024
+    @Option(name: .long, help: ArgumentHelp("Bytes pulled around a missing page, aligned (e.g. 4K, 64K; default 64K).", valueName: "size"))
+    var fetchSize: String?
 
-    @Option(name: .long, help: ArgumentHelp("Connections to the source.", valueName: "n"))
-    var sourceConnections: Int = 2
+    @Option(name: .long, help: ArgumentHelp("Connections to the source (default 2).", valueName: "n"))
+    var sourceConnections: String?
 
-    @Option(name: .long, help: ArgumentHelp("While the source is unreachable or failing, keep client requests waiting and retry (reconnecting with backoff) for this many seconds before answering EIO.", valueName: "seconds"))
-    var sourceTimeout: Int = 60
+    @Option(name: .long, help: ArgumentHelp("While the source is unreachable or failing, keep client requests waiting and retry (reconnecting with backoff) for this many seconds before answering EIO (default 60).", valueName: "seconds"))
+    var sourceTimeout: String?
 
-    @Option(name: .long, help: ArgumentHelp("Background pull of the lazy export's absent pages: off, sequential (sweep from the start) or adaptive (sweep, plus a window around each miss that grows while misses are sequential; the sweep moves to the latest miss).", valueName: "mode"))
-    var prefetch: String = LazyExport.PrefetchMode.adaptive.rawValue
+    @Option(name: .long, help: ArgumentHelp("Background pull of the lazy export's absent pages: off, sequential (sweep from the start) or adaptive (sweep, plus a window around each miss that grows while misses are sequential; the sweep moves to the latest miss). Default: adaptive.", valueName: "mode"))
+    var prefetch: String?
 
-    @Option(name: .long, help: ArgumentHelp("Cap background pull traffic at this many bytes per second (e.g. 50M); demand misses are never limited.", valueName: "rate"),
-            transform: { try SizeParser.parse($0) })
-    var maxRate: UInt64?
+    @Option(name: .long, help: ArgumentHelp("Cap background pull traffic at this many bytes per second (e.g. 50M); demand misses are never limited.", valueName: "rate"))
+    var maxRate: String?
 
-    @Option(name: .long, help: ArgumentHelp("Source connections used only by background pulls.", valueName: "n"))
-    var prefetchConnections: Int = 1
+    @Option(name: .long, help: ArgumentHelp("Source connections used only by background pulls (default 1).", valueName: "n"))
+    var prefetchConnections: String?
 
     @Option(name: .long, help: ArgumentHelp("Pull these byte ranges first (lines \"OFFSET LENGTH\", e.g. written by --record-faults).", valueName: "file"))
     var hotList: String?
@@ -83,9 +80,8 @@ struct Serve: ParsableCommand {
     @Flag(name: .long, help: "Hold every pull from the source (demand misses wait, no background pull, no allocation-map query) until `nbd-umemd gate open --control PATH`: for a live-migration destination, whose source RAM keeps changing until the source VM stops. Needs --control.")
     var gated = false
 
-    @Option(name: .long, help: ArgumentHelp("Swap-mode post-copy: serve a swap device of this size (at least the source's size plus one page; give headroom) whose slots are mapped to source pages by `nbd-umemd stage`, instead of a copy of the source. Needs --control.", valueName: "size"),
-            transform: { try SizeParser.parse($0) })
-    var swapSize: UInt64?
+    @Option(name: .long, help: ArgumentHelp("Swap-mode post-copy: serve a swap device of this size (at least the source's size plus one page; give headroom) whose slots are mapped to source pages by `nbd-umemd stage`, instead of a copy of the source. Needs --control.", valueName: "size"))
+    var swapSize: String?
 
     @Flag(name: .long, help: "Refuse writes, trims and zeroing (EPERM).")
     var readonly = false
@@ -128,7 +124,10 @@ struct Serve: ParsableCommand {
     var description: String?
 
     @Option(name: .long, help: ArgumentHelp("Minimum block size to advertise (1, 512 or 4096); misaligned requests get EINVAL.", valueName: "bytes"))
-    var minBlockSize: UInt32 = 1
+    var minBlockSize: String?
+
+    @Option(name: .customLong("export"), help: ArgumentHelp("Serve one more export (repeatable): comma-separated key=value pairs, e.g. name=ram1,memory=1G or name=vm,source=nbd://src/ram,store=/var/lib/vm,gated. Keys: name, file|memory|source, readonly, description, min-block-size, and for source: store, reset-store, fetch-size, source-connections, source-timeout, prefetch, max-rate, prefetch-connections, hot-list, record-faults, gated, progress, swap-size, source-tls-certificates, source-tls-psk, source-tls-username, source-tls-verify-peer=no (as the options of the same names; ',,' is a comma inside a value). NBD_OPT_LIST lists every export; the empty name selects the first.", valueName: "spec"))
+    var exportSpecs: [String] = []
 
     @Option(name: .long, help: ArgumentHelp("Threads for blocking storage I/O.", valueName: "n"))
     var threads: Int = 16
@@ -151,47 +150,14 @@ struct Serve: ParsableCommand {
     static let defaultPort = 10809
 
     func validate() throws {
-        let chosen = [file != nil, memory != nil, source != nil].filter { $0 }.count
-        if chosen == 0 { throw ValidationError("one of --file, --memory or --source is required") }
-        if chosen > 1 { throw ValidationError("--file, --memory and --source cannot be used together") }
-        if source != nil && store == nil { throw ValidationError("--source needs --store DIR") }
-        if source == nil && (store != nil || resetStore) {
-            throw ValidationError("--store and --reset-store only apply to --source")
+        let exports = try exportConfigurations()
+        if let e = exports.first(where: { $0.kind.needsControlSocket }), control == nil {
+            let lazy = e.kind as? LazyExport
+            throw ValidationError(lazy?.swapSize != nil
+                ? "--swap-size needs --control PATH (staging runs through it)"
+                : "--gated needs --control PATH (the gate is opened through it)")
         }
-        if LazyExport.PrefetchMode(rawValue: prefetch) == nil {
-            throw ValidationError("--prefetch must be off, sequential or adaptive, got '\(prefetch)'")
-        }
-        if source == nil && (maxRate != nil || hotList != nil || recordFaults != nil || progress || gated) {
-            throw ValidationError("--max-rate, --hot-list, --record-faults, --progress and --gated only apply to --source")
-        }
-        if sourceTlsCertificates != nil || sourceTlsPsk != nil || sourceTlsUsername != nil || !sourceTlsVerifyPeer {
-            guard let source else { throw ValidationError("--source-tls-* only apply to --source") }
-            guard SourceTLS.uriRequiresTLS(source) else {
-                throw ValidationError("--source-tls-* need a TLS source URI (nbds://HOST/NAME or nbds+unix:///NAME?socket=PATH)")
-            }
-            if sourceTlsCertificates != nil && sourceTlsPsk != nil {
-                throw ValidationError("--source-tls-certificates and --source-tls-psk cannot be used together")
-            }
-        }
-        if gated && control == nil { throw ValidationError("--gated needs --control PATH (the gate is opened through it)") }
-        if let swapSize {
-            if source == nil { throw ValidationError("--swap-size only applies to --source") }
-            if control == nil { throw ValidationError("--swap-size needs --control PATH (staging runs through it)") }
-            if swapSize % 4096 != 0 { throw ValidationError("--swap-size must be a multiple of 4096 bytes") }
-            if readonly { throw ValidationError("--swap-size and --readonly cannot be used together (a swap device is written)") }
-        }
-        if maxRate == 0 { throw ValidationError("--max-rate must be greater than zero") }
-        if !(1...16).contains(prefetchConnections) { throw ValidationError("--prefetch-connections must be between 1 and 16") }
-        if fetchSize < 4096 || fetchSize > 32 << 20 || fetchSize & (fetchSize - 1) != 0 {
-            throw ValidationError("--fetch-size must be a power of two from 4K to 32M")
-        }
-        if !(1...86_400).contains(sourceTimeout) { throw ValidationError("--source-timeout must be between 1 and 86400 seconds") }
-        if !(1...16).contains(sourceConnections) { throw ValidationError("--source-connections must be between 1 and 16") }
-        if memory == 0 { throw ValidationError("--memory size must be greater than zero") }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port \(port) is out of range 0-65535") }
-        if ![1, 512, 1024, 2048, 4096].contains(minBlockSize) {
-            throw ValidationError("--min-block-size must be 1, 512, 1024, 2048 or 4096")
-        }
         if !(0...10_000).contains(pollUs) { throw ValidationError("--poll-us must be between 0 and 10000") }
         if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
         guard let tlsMode = TLSSettings.Mode(rawValue: tls) else {
@@ -214,7 +180,6 @@ struct Serve: ParsableCommand {
         if !allow.isEmpty && unix != nil && port == nil && bind == nil {
             throw ValidationError("--allow filters TCP clients, and this daemon listens only on --unix")
         }
-        if exportName.utf8.count > 4096 { throw ValidationError("--export-name is longer than 4096 bytes") }
         if let unix, unix.utf8.count >= 108 { throw ValidationError("--unix path is longer than 107 bytes") }
     }
 
@@ -227,35 +192,54 @@ struct Serve: ParsableCommand {
         return l
     }
 
-    /// What the arguments say to serve.
-    var kind: any ExportKind {
-        if let file { return FileExport(path: file) }
-        if let source, let store {
-            var lazy = LazyExport(source: source, store: store)
-            lazy.resetStore = resetStore
-            lazy.fetchSize = fetchSize
-            lazy.sourceConnections = sourceConnections
-            lazy.sourceTimeout = sourceTimeout
-            lazy.prefetch = LazyExport.PrefetchMode(rawValue: prefetch) ?? .adaptive
-            lazy.maxRate = maxRate
-            lazy.prefetchConnections = prefetchConnections
-            lazy.hotList = hotList
-            lazy.recordFaults = recordFaults
-            lazy.gated = gated
-            lazy.progress = progress
-            lazy.swapSize = swapSize
-            lazy.sourceTLS = SourceTLS(certificates: sourceTlsCertificates, pskFile: sourceTlsPsk,
-                                       username: sourceTlsUsername, verifyPeer: sourceTlsVerifyPeer)
-            return lazy
-        }
-        return MemoryExport(size: memory ?? 0)
+    /// The export of the single-export options (`--file`, `--memory`, `--source` and theirs), as
+    /// `ExportSpec` pairs: only what was given.
+    var optionPairs: [(String, String)] {
+        var pairs: [(String, String)] = [("name", exportName)]
+        func add(_ key: String, _ value: String?) { if let value { pairs.append((key, value)) } }
+        func add(_ key: String, _ flag: Bool) { if flag { pairs.append((key, "yes")) } }
+        add("file", file); add("memory", memory); add("source", source); add("store", store)
+        add("reset-store", resetStore); add("fetch-size", fetchSize)
+        add("source-connections", sourceConnections); add("source-timeout", sourceTimeout)
+        add("prefetch", prefetch); add("max-rate", maxRate); add("prefetch-connections", prefetchConnections)
+        add("hot-list", hotList); add("record-faults", recordFaults); add("progress", progress)
+        add("gated", gated); add("swap-size", swapSize); add("readonly", readonly)
+        add("description", description); add("min-block-size", minBlockSize)
+        add("source-tls-certificates", sourceTlsCertificates); add("source-tls-psk", sourceTlsPsk)
+        add("source-tls-username", sourceTlsUsername)
+        if !sourceTlsVerifyPeer { pairs.append(("source-tls-verify-peer", "no")) }
+        return pairs
     }
 
-    /// The daemon's configuration: one export (the command line offers one).
-    var daemonConfiguration: DaemonConfiguration {
-        let export = ExportConfiguration(name: exportName, kind: kind, description: description, readOnly: readonly,
-                                         minimumBlockSize: minBlockSize)
-        var c = DaemonConfiguration(exports: [export], listeners: listeners)
+    /// Every export: the one of the single-export options (when --file, --memory or --source is
+    /// given, or no --export is), then each --export.
+    func exportConfigurations() throws -> [ExportConfiguration] {
+        var exports: [ExportConfiguration] = []
+        do {
+            if file != nil || memory != nil || source != nil || exportSpecs.isEmpty {
+                if exportSpecs.isEmpty && file == nil && memory == nil && source == nil {
+                    throw ValidationError("one of --file, --memory or --source (or --export SPEC) is required")
+                }
+                exports.append(try ExportSpec.build(optionPairs, origin: .options))
+            } else if let (key, _) = optionPairs.first(where: { $0.0 != "name" }) {
+                throw ValidationError("--\(key) describes the export of --file, --memory or --source; with only --export, put it in the spec (\(key)=...)")
+            } else if !exportName.isEmpty {
+                throw ValidationError("--export-name names the export of --file, --memory or --source; with only --export, use name=...")
+            }
+            for spec in exportSpecs { exports.append(try ExportSpec.parse(spec)) }
+        } catch let failure as ExportSpec.Failure {
+            throw ValidationError(failure.description)
+        }
+        var names = Set<String>()
+        for e in exports where !names.insert(e.name).inserted {
+            throw ValidationError("two exports are named '\(e.name)'")
+        }
+        return exports
+    }
+
+    /// The daemon's configuration.
+    func daemonConfiguration() throws -> DaemonConfiguration {
+        var c = DaemonConfiguration(exports: try exportConfigurations(), listeners: listeners)
         c.controlPath = control
         c.pidfile = pidfile
         c.swap = swap
@@ -274,7 +258,7 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
-        let configuration = daemonConfiguration
+        let configuration = try daemonConfiguration()
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = configuration.logLevel
