@@ -9,9 +9,10 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve an export over NBD.",
         discussion: """
-        Exactly one of --file, --memory or --source chooses what is served. Listens on TCP 127.0.0.1:10809 unless \
-        --unix or --port say otherwise. Runs in the foreground; SIGTERM or SIGINT stops accepting \
-        connections, finishes in-flight requests and exits 0.
+        One of --file, --memory or --source chooses what is served, and each --export SPEC serves one more. \
+        Listens on TCP 127.0.0.1:10809 unless --unix or --port say otherwise; started by systemd with \
+        socket activation (LISTEN_FDS), it serves on the sockets it is given instead. Runs in the \
+        foreground; SIGTERM or SIGINT stops accepting connections, finishes in-flight requests and exits 0.
 
         Examples:
           nbd-umemd serve --file disk.img --unix /run/umemd.sock
@@ -19,6 +20,10 @@ struct Serve: ParsableCommand {
           nbd-umemd serve --memory 2G --unix /run/swap.sock --export-name swap
           nbd-umemd serve --source nbd://src/ram --store /var/lib/vm1 --swap-size 4200M --swap --gated \
               --control /run/vm1.ctl --unix /run/vm1.sock          (swap-mode post-copy; see stage --help)
+          nbd-umemd serve --memory 1G --export-name ram0 --export name=ram1,memory=1G --unix /run/vm.sock
+          nbd-umemd serve --file disk.img --port 10809 --bind 0.0.0.0 --allow 10.1.0.0/16 \
+              --tls require --tls-psk /etc/nbd-umemd/keys.psk
+          nbd-umemd serve --memory 64M --run 'nbdinfo "$uri"'
           nbdinfo 'nbd+unix:///?socket=/run/umemd.sock'
         """
     )
@@ -141,6 +146,15 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write the process id here once listening; removed on exit.", valueName: "path"))
     var pidfile: String?
 
+    @Option(name: .customLong("run"), help: ArgumentHelp("Captive mode (as nbdkit's): once serving, run COMMAND with /bin/sh -c, its environment holding $uri, $exportname, $unixsocket or $port, and $tls; stop when it exits and exit with its status. Without --unix, --port or --bind the daemon listens on a private Unix socket.", valueName: "command"))
+    var runCommand: String?
+
+    @Flag(name: .long, help: "Print the URI clients connect to on stdout once serving (nbd+unix:///NAME?socket=PATH, nbd://HOST:PORT/NAME, nbds... with TLS).")
+    var printUri = false
+
+    @Flag(name: .long, help: "Stop (as on SIGTERM) when the parent process exits.")
+    var exitWithParent = false
+
     @Flag(name: .long, help: "Log every connection and rejected request.")
     var verbose = false
 
@@ -181,9 +195,20 @@ struct Serve: ParsableCommand {
             throw ValidationError("--allow filters TCP clients, and this daemon listens only on --unix")
         }
         if let unix, unix.utf8.count >= 108 { throw ValidationError("--unix path is longer than 107 bytes") }
+        if activated != nil && (unix != nil || port != nil || bind != nil) {
+            throw ValidationError("socket activation (LISTEN_FDS) gives the listening sockets: --unix, --port and --bind cannot be used with it")
+        }
+    }
+
+    /// The sockets systemd passed (socket activation), nil when none.
+    var activated: [NBDListener]? {
+        guard let pid = getenv("LISTEN_PID").flatMap({ Int32(String(cString: $0)) }), pid == getpid(),
+              let n = getenv("LISTEN_FDS").flatMap({ Int32(String(cString: $0)) }), n > 0 else { return nil }
+        return (0 ..< n).map { .inherited(fd: 3 + $0) }
     }
 
     var listeners: [NBDListener] {
+        if let activated { return activated }
         var l: [NBDListener] = []
         if let unix { l.append(.unix(path: unix)) }
         if port != nil || bind != nil || unix == nil {
@@ -258,13 +283,37 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
-        let configuration = try daemonConfiguration()
+        if exitWithParent {
+            // SIGTERM when the parent exits; a parent already gone (re-parented to init) counts too.
+            guard Daemon.exitWithParent() else {
+                throw ValidationError("--exit-with-parent: the parent process has already exited")
+            }
+        }
+        var configuration = try daemonConfiguration()
+        if activated != nil {
+            configuration.listeners = SocketActivation.inheritedListeners() ?? configuration.listeners
+        }
+        var privateDir: String? = nil
+        if runCommand != nil && activated == nil && unix == nil && port == nil && bind == nil {
+            // captive mode without a listener: a private Unix socket, as nbdkit does
+            var template = Array("/tmp/nbd-umemd-run.XXXXXX".utf8CString)
+            guard let dir = mkdtemp(&template) else { throw ValidationError("--run: cannot create a private socket directory") }
+            privateDir = String(cString: dir)
+            configuration.listeners = [.unix(path: privateDir! + "/socket")]
+        }
+        defer { if let privateDir { rmdir(privateDir) } }
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = configuration.logLevel
             return h
         }
         signal(SIGPIPE, SIG_IGN)
-        try Daemon(configuration: configuration, logger: Logger(label: "nbd-umemd")).runBlocking()
+        let daemon = Daemon(configuration: configuration, logger: Logger(label: "nbd-umemd"))
+        if let runCommand {
+            let status = try daemon.runCaptive(command: runCommand, printURI: printUri)
+            if let privateDir { rmdir(privateDir) }
+            throw ExitCode(status)
+        }
+        try daemon.runBlocking(printURI: printUri)
     }
 }

@@ -24,6 +24,10 @@ public final class Daemon: Sendable {
         var serving = false
         var servingWaiters: [CheckedContinuation<Void, Never>] = []
         var control: ControlDispatcher?
+        /// The listeners as bound (set once serving).
+        var listeners: [NBDListener] = []
+        /// `run()` has returned (or thrown).
+        var finished = false
     }
 
     public init(configuration: DaemonConfiguration, logger: Logger) {
@@ -34,6 +38,7 @@ public final class Daemon: Sendable {
     /// Runs the daemon until a graceful shutdown (SIGTERM, SIGINT or `shutdown()`) has completed.
     /// Throws `DaemonError` when it cannot start.
     public func run() async throws {
+        defer { finished() }
         try configuration.validate()
         let c = configuration
         if c.swap { try SwapMode.prepare(logger: logger) }
@@ -90,9 +95,15 @@ public final class Daemon: Sendable {
     }
 
     /// Runs the daemon on the calling thread (for a synchronous `main`): blocks until it has stopped.
-    public func runBlocking() throws {
+    public func runBlocking(printURI: Bool = false) throws {
         let done = ConditionLock(value: false)
         let result = NIOLockedValueBox<Result<Void, any Error>>(.success(()))
+        if printURI {
+            Task {
+                await self.waitUntilServingOrFinished()
+                if self.isServing, let uri = self.uris.first { Self.printLine(uri) }
+            }
+        }
         Task {
             do { try await run() } catch { result.withLockedValue { $0 = .failure(error) } }
             done.lock()
@@ -114,9 +125,15 @@ public final class Daemon: Sendable {
 
     /// Returns once the daemon listens, its control socket is open and its pidfile written.
     public func waitUntilServing() async {
+        await waitUntilServingOrFinished()
+    }
+
+    /// Returns once the daemon serves, or once `run()` has ended (it could not start): see
+    /// `isServing`.
+    public func waitUntilServingOrFinished() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLockedValue { s -> Bool in
-                if s.serving { return true }
+                if s.serving || s.finished { return true }
                 s.servingWaiters.append(c)
                 return false
             }
@@ -124,15 +141,31 @@ public final class Daemon: Sendable {
         }
     }
 
+    /// The daemon serves (and has not stopped).
+    public var isServing: Bool { state.withLockedValue { $0.serving && !$0.finished } }
+
+    /// The listeners as bound (empty before the daemon serves).
+    public var boundListeners: [NBDListener] { state.withLockedValue { $0.listeners } }
+
+    private func finished() {
+        let waiters = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+            s.finished = true
+            defer { s.servingWaiters = [] }
+            return s.servingWaiters
+        }
+        waiters.forEach { $0.resume() }
+    }
+
     /// The status `nbd-umemd status` prints (nil before the daemon serves).
     public func status() -> DaemonStatus? {
         (try? state.withLockedValue { $0.control }?.statusResult(export: nil).get()) ?? nil
     }
 
-    func serving(_ control: ControlDispatcher) {
+    func serving(_ control: ControlDispatcher, listeners: [NBDListener]) {
         let waiters = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
             s.serving = true
             s.control = control
+            s.listeners = listeners
             defer { s.servingWaiters = [] }
             return s.servingWaiters
         }
@@ -195,7 +228,7 @@ struct DaemonService: Service {
 
     func run() async throws {
         let control = try await lifecycle.runIfActive { try start() }
-        daemon.serving(control.dispatcher)
+        daemon.serving(control.dispatcher, listeners: server.boundListeners)
         try? await gracefulShutdown()
         try await lifecycle.runIfActive { stop(control.server) }
     }

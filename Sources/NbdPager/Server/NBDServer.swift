@@ -10,13 +10,48 @@ import Glibc
 public enum NBDListener: Sendable, Hashable, CustomStringConvertible {
     case tcp(host: String, port: Int)
     case unix(path: String)
+    /// A listening socket handed over by systemd (socket activation: LISTEN_FDS).
+    case inherited(fd: Int32)
 
     public var description: String {
         switch self {
         case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         case .unix(let path): return "unix:\(path)"
+        case .inherited(let fd): return "fd \(fd) (socket activation)"
         }
     }
+
+    /// The URI a client (libnbd, nbdinfo, qemu) uses for `export` on this listener.
+    public func uri(export: String, tls: Bool) -> String {
+        let scheme = tls ? "nbds" : "nbd"
+        let name = Self.percentEncoded(export)
+        switch self {
+        case .tcp(let host, let port):
+            let h = host.contains(":") ? "[\(host)]" : host
+            return "\(scheme)://\(h):\(port)/\(name)"
+        case .unix(let path):
+            return "\(scheme)+unix:///\(name)?socket=\(Self.percentEncoded(path, keepSlash: true))"
+        case .inherited(let fd):
+            return "fd \(fd)"
+        }
+    }
+
+    static func percentEncoded(_ s: String, keepSlash: Bool = false) -> String {
+        var out = ""
+        for b in s.utf8 {
+            let c = Character(UnicodeScalar(b))
+            if c.isASCII && (c.isLetter || c.isNumber || "-._~".contains(c) || (keepSlash && c == "/")) {
+                out.append(c)
+            } else {
+                out += "%" + String(b, radix: 16, uppercase: true).leftPadded(2)
+            }
+        }
+        return out
+    }
+}
+
+extension String {
+    fileprivate func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
 }
 
 /// An NBD server: listeners, connections and graceful shutdown, serving one or more exports.
@@ -27,6 +62,7 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let tracker = ConnectionTracker()
     private let serverChannels = NIOLockedValueBox<[any Channel]>([])
+    private let bound = NIOLockedValueBox<[NBDListener]>([])
     /// After each request a connection's event loop keeps polling for this long before it sleeps,
     /// trading CPU for the wake-up latency of a latency-bound client. Zero disables it.
     public let pollWindow: TimeAmount
@@ -58,14 +94,10 @@ public final class NBDServer: Sendable {
             for listener in listeners {
                 let channel = try bootstrap(for: listener).wait()
                 serverChannels.withLockedValue { $0.append(channel) }
-                // Log the address actually bound (with --port 0 the kernel picks the port).
-                let bound: String
-                if case .tcp = listener, let address = channel.localAddress {
-                    bound = "\(address)"
-                } else {
-                    bound = "\(listener)"
-                }
-                logger.info("listening on \(bound)")
+                // What was actually bound (with --port 0 the kernel picks the port).
+                let actual = Self.boundListener(listener, channel.localAddress)
+                self.bound.withLockedValue { $0.append(actual) }
+                logger.info("listening on \(actual)")
             }
         } catch {
             for c in serverChannels.withLockedValue({ $0 }) { try? c.close().wait() }
@@ -73,11 +105,27 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// The listeners as bound: TCP with the port the kernel picked, inherited sockets as what they are.
+    public var boundListeners: [NBDListener] { bound.withLockedValue { $0 } }
+
+    static func boundListener(_ listener: NBDListener, _ address: SocketAddress?) -> NBDListener {
+        switch (listener, address) {
+        case (.unix, _): return listener
+        case (_, .unixDomainSocket?): return .unix(path: address?.pathname ?? "?")
+        case (_, let a?) where a.port != nil: return .tcp(host: a.ipAddress ?? "?", port: a.port ?? 0)
+        default: return listener
+        }
+    }
+
     private func bootstrap(for listener: NBDListener) -> EventLoopFuture<any Channel> {
         let exports = self.exports, tracker = self.tracker, logger = self.logger, pollWindow = self.pollWindow
         let policy = self.policy, tls = self.tls
         let isTCP: Bool
-        if case .tcp = listener { isTCP = true } else { isTCP = false }
+        switch listener {
+        case .tcp: isTCP = true
+        case .unix: isTCP = false
+        case .inherited(let fd): isTCP = SocketActivation.isInternetSocket(fd)
+        }
         let connectionCounter = NIOLockedValueBox(0)
         var b = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
@@ -105,6 +153,8 @@ public final class NBDServer: Sendable {
             return b.bind(host: host, port: port)
         case .unix(let path):
             return b.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+        case .inherited(let fd):
+            return b.withBoundSocket(fd)
         }
     }
 
