@@ -146,6 +146,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write the process id here once listening; removed on exit.", valueName: "path"))
     var pidfile: String?
 
+    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9720, [::1]:9720): per export and command requests, bytes, errors and latency histograms; for lazy exports pages, pulls, demand misses and their latency, background bytes, rate and progress, store commits, source outages and reconnects; connections. The values are those of `nbd-umemd status`.", valueName: "addr:port"))
+    var metrics: String?
+
     @Option(name: .customLong("run"), help: ArgumentHelp("Captive mode (as nbdkit's): once serving, run COMMAND with /bin/sh -c, its environment holding $uri, $exportname, $unixsocket or $port, and $tls; stop when it exits and exit with its status. Without --unix, --port or --bind the daemon listens on a private Unix socket.", valueName: "command"))
     var runCommand: String?
 
@@ -195,9 +198,22 @@ struct Serve: ParsableCommand {
             throw ValidationError("--allow filters TCP clients, and this daemon listens only on --unix")
         }
         if let unix, unix.utf8.count >= 108 { throw ValidationError("--unix path is longer than 107 bytes") }
+        if let metrics, Self.hostPort(metrics) == nil {
+            throw ValidationError("--metrics must be ADDR:PORT (e.g. 127.0.0.1:9720 or [::1]:9720), got '\(metrics)'")
+        }
         if activated != nil && (unix != nil || port != nil || bind != nil) {
             throw ValidationError("socket activation (LISTEN_FDS) gives the listening sockets: --unix, --port and --bind cannot be used with it")
         }
+    }
+
+    /// `ADDR:PORT` or `[ADDR]:PORT`.
+    static func hostPort(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+              (0...65535).contains(port) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty else { return nil }
+        return (host, port)
     }
 
     /// The sockets systemd passed (socket activation), nil when none.
@@ -275,6 +291,7 @@ struct Serve: ParsableCommand {
                 ?? tlsCertificates.map { .x509(directory: $0, verifyPeer: tlsVerifyPeer) }
             c.tls = TLSSettings(mode: mode, credentials: credentials)
         }
+        c.metrics = metrics.flatMap(Self.hostPort)
         c.policy.allow = allow
         c.policy.maxConnections = maxConnections
         c.policy.handshakeTimeout = .seconds(Int64(handshakeTimeout))

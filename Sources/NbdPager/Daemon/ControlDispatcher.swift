@@ -54,8 +54,13 @@ struct ControlDispatcher: Sendable {
         let chosen = exports.filter { name == nil || $0.name == name }
         guard !chosen.isEmpty else { return .failure(ControlError("no export named '\(name ?? "")'")) }
         let statuses = chosen.map { e in
-            ExportStatus(export: e.export.info.name, kind: e.kindName, size: e.export.info.size,
-                         readOnly: e.export.info.readOnly, fields: e.opened.statusFields())
+            var fields = e.opened.statusFields()
+            if case .object(var f) = fields {
+                f.append(("requests", e.export.stats.statusValue))
+                fields = .object(f)
+            }
+            return ExportStatus(export: e.export.info.name, kind: e.kindName, size: e.export.info.size,
+                                readOnly: e.export.info.readOnly, fields: fields)
         }
         return .success(DaemonStatus(connections: server.connectionCount, swap: swap ? SwapMode.status() : nil,
                                      exports: statuses))

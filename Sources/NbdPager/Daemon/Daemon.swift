@@ -230,14 +230,14 @@ struct DaemonService: Service {
         let control = try await lifecycle.runIfActive { try start() }
         daemon.serving(control.dispatcher, listeners: server.boundListeners)
         try? await gracefulShutdown()
-        try await lifecycle.runIfActive { stop(control.server) }
+        try await lifecycle.runIfActive { stop(control.server, control.metrics) }
     }
 
     private var configuration: DaemonConfiguration { daemon.configuration }
     private var logger: Logger { daemon.logger }
 
     /// Listeners, control socket, background work, pidfile. On a failure, undoes what it did.
-    private func start() throws -> (server: ControlServer?, dispatcher: ControlDispatcher) {
+    private func start() throws -> (server: ControlServer?, metrics: MetricsServer?, dispatcher: ControlDispatcher) {
         do {
             for e in exports { try e.opened.prepare(runtime) }
         } catch {
@@ -251,12 +251,25 @@ struct DaemonService: Service {
             throw DaemonError("cannot listen: \(error)")
         }
         let dispatcher = ControlDispatcher(exports: exports, server: server, swap: configuration.swap)
+        var metricsServer: MetricsServer? = nil
+        if let m = configuration.metrics {
+            let metrics = DaemonMetrics(exports: exports, server: server, dispatcher: dispatcher)
+            let s = MetricsServer(host: m.host, port: m.port, group: group, logger: logger) { metrics.render() }
+            do {
+                try s.start()
+            } catch {
+                server.shutdown(grace: .seconds(1))
+                throw DaemonError("cannot serve metrics on \(m.host):\(m.port): \(error)")
+            }
+            metricsServer = s
+        }
         var controlServer: ControlServer? = nil
         if let path = configuration.controlPath {
             let c = ControlServer(path: path, group: group, threadPool: runtime.threadPool, logger: logger) { dispatcher.handle($0) }
             do {
                 try c.start()
             } catch {
+                metricsServer?.stop()
                 server.shutdown(grace: .seconds(1))
                 throw DaemonError("cannot open control socket \(path): \(error)")
             }
@@ -273,17 +286,19 @@ struct DaemonService: Service {
             } catch {
                 for e in exports { e.opened.stop() }
                 controlServer?.stop()
+                metricsServer?.stop()
                 server.shutdown(grace: .seconds(1))
                 throw DaemonError("cannot write pidfile \(path): \(error)")
             }
         }
-        return (controlServer, dispatcher)
+        return (controlServer, metricsServer, dispatcher)
     }
 
-    private func stop(_ controlServer: ControlServer?) {
+    private func stop(_ controlServer: ControlServer?, _ metricsServer: MetricsServer?) {
         for e in exports { e.opened.stop() }
         logger.info("signal received, shutting down")
         controlServer?.stop()
+        metricsServer?.stop()
         server.shutdown(grace: configuration.shutdownGrace)
         if let path = configuration.pidfile { Pidfile(path: path).remove() }
         logger.info("stopped")

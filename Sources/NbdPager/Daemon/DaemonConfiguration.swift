@@ -29,6 +29,8 @@ public struct DaemonConfiguration: Sendable {
     public var handlesSignals = true
     /// Who may connect, how many at once, how long a handshake may take.
     public var policy = ConnectionPolicy()
+    /// `--metrics`: serve Prometheus metrics over HTTP here (host, port).
+    public var metrics: (host: String, port: Int)?
     /// TLS for clients (NBD_OPT_STARTTLS); nil or mode off: none.
     public var tls: TLSSettings?
     /// Longest wait for open connections to finish their requests on shutdown.

@@ -94,6 +94,9 @@ public protocol OpenedExport: AnyObject, Sendable {
     func stop()
     /// The kind's own status fields (an object; `.object([])` when it has none).
     func statusFields() -> JSONValue
+    /// The kind's latency histograms for the metrics endpoint, by metric name (without the
+    /// `nbd_umemd_` prefix) and help text.
+    func histograms() -> [(name: String, help: String, histogram: BucketHistogram)]
 }
 
 extension OpenedExport {
@@ -101,6 +104,7 @@ extension OpenedExport {
     public func start(_ runtime: ExportRuntime) {}
     public func stop() {}
     public func statusFields() -> JSONValue { .object([]) }
+    public func histograms() -> [(name: String, help: String, histogram: BucketHistogram)] { [] }
 }
 
 /// A regular file or block device.

@@ -214,6 +214,10 @@ public final class LazyOpenedExport: OpenedExport {
 
     // MARK: status
 
+    public func histograms() -> [(name: String, help: String, histogram: BucketHistogram)] {
+        lazy.histograms()
+    }
+
     public func statusFields() -> JSONValue {
         let s = lazy.status()
         var fields: [(String, JSONValue)] = [
@@ -235,6 +239,9 @@ public final class LazyOpenedExport: OpenedExport {
             ("pulls_at_gate", .int(Int64(s.pullsAtGate))),
             ("writes", .unsigned(s.writes)),
             ("bytes_written", .unsigned(s.bytesWritten)),
+            ("source_outages", .unsigned(s.sourceOutages)),
+            ("source_reconnects", .unsigned(s.sourceReconnects)),
+            ("commits", .unsigned(s.commits)),
         ]
         fields += swapStatusFields()
         if let p = prefetcher?.status() {

@@ -18,6 +18,17 @@ extension LazyBackend {
         /// Client WRITE requests served since start, and their bytes.
         public var writes: UInt64
         public var bytesWritten: UInt64
+        /// Source outages and successful reconnects since start.
+        public var sourceOutages: UInt64
+        public var sourceReconnects: UInt64
+        /// Store commits that made something durable.
+        public var commits: UInt64
+    }
+
+    /// Demand-miss latency and store commit duration, in fixed buckets (metrics).
+    public func histograms() -> [(name: String, help: String, histogram: BucketHistogram)] {
+        [("demand_miss_duration_seconds", "Demand misses: from the miss to the data from the source.", engine.missLatencyBuckets),
+         ("store_commit_duration_seconds", "Store commits that made something durable (data sync, map write and sync).", store.commitDuration)]
     }
 
     public func status() -> Status {
@@ -32,7 +43,10 @@ extension LazyBackend {
             sourceConnected: engine.source.isConnected,
             complete: lazyStore.completionArmed.load(ordering: .relaxed) && pages.isComplete,
             gated: engine.isGated, pullsAtGate: engine.pullsAtGate,
-            writes: writes.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed))
+            writes: writes.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
+            sourceOutages: (engine.source as? ReconnectingSource)?.outageCount ?? 0,
+            sourceReconnects: (engine.source as? ReconnectingSource)?.reconnectCount ?? 0,
+            commits: store.commitDuration.count)
     }
 
     public func blockStatus(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [NBDExtent] {

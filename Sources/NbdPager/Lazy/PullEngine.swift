@@ -64,6 +64,8 @@ final class PullEngine: @unchecked Sendable {
     private let idle = Condition()
     let demandMisses = ManagedAtomic<UInt64>(0)
     let missLatency = LatencyHistogram()
+    /// The same samples in fixed buckets, for the metrics endpoint.
+    let missLatencyBuckets = BucketHistogram()
     /// Client requests waiting for pulls right now.
     let demandPending = ManagedAtomic<Int>(0)
     private let observer = NIOLockedValueBox<(any DemandObserver)?>(nil)
@@ -324,7 +326,9 @@ final class PullEngine: @unchecked Sendable {
     }
 
     func recordMissLatency(since started: NIODeadline, on eventLoop: any EventLoop) {
-        missLatency.record(nanoseconds: UInt64(max(0, (eventLoop.now - started).nanoseconds)))
+        let ns = UInt64(max(0, (eventLoop.now - started).nanoseconds))
+        missLatency.record(nanoseconds: ns)
+        missLatencyBuckets.record(nanoseconds: ns)
     }
 }
 

@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -12,6 +13,12 @@ public final class ReconnectingSource: RemoteSource {
     public let size: UInt64
     public let supportsExtents: Bool
     public let timeout: TimeAmount
+    private let outages = ManagedAtomic<UInt64>(0)
+    private let reconnects = ManagedAtomic<UInt64>(0)
+    /// Outages since start (a lost connection or failing source, until it works again).
+    public var outageCount: UInt64 { outages.load(ordering: .relaxed) }
+    /// Successful reconnects since start.
+    public var reconnectCount: UInt64 { reconnects.load(ordering: .relaxed) }
     private let connect: Connect
     /// Runs the blocking reconnects.
     private let threadPool: NIOThreadPool
@@ -147,12 +154,13 @@ public final class ReconnectingSource: RemoteSource {
             }
             do {
                 let source = try await task.value
-                state.withLockedValue { s in
-                    if s.reconnecting == task {
-                        s.reconnecting = nil
-                        s.current = source
-                    }
+                let installed = state.withLockedValue { s -> Bool in
+                    guard s.reconnecting == task else { return false }
+                    s.reconnecting = nil
+                    s.current = source
+                    return true
                 }
+                if installed { reconnects.wrappingIncrement(ordering: .relaxed) }
                 return source
             } catch {
                 state.withLockedValue { s in if s.reconnecting == task { s.reconnecting = nil } }
@@ -182,6 +190,7 @@ public final class ReconnectingSource: RemoteSource {
     }
 
     private func logOutage(_ why: String) {
+        outages.wrappingIncrement(ordering: .relaxed)
         logger.warning("source outage: \(why); retrying for up to \(timeout.nanoseconds / 1_000_000_000) s per request")
     }
 

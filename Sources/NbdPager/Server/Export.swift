@@ -6,6 +6,8 @@ public final class Export: Sendable {
     public let info: NBDExportInfo
     public let backend: any BlockBackend
     let threadPool: NIOThreadPool
+    /// Requests, bytes, errors and latency per command.
+    public let stats = RequestStats()
 
     public init(name: String, description: String, backend: any BlockBackend, readOnly: Bool,
                 minimumBlockSize: UInt32, threadPool: NIOThreadPool) {

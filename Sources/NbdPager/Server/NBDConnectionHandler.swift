@@ -271,6 +271,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
             }
         case .reject(let rejection):
             logger.debug("rejected request: \(rejection.message)")
+            if let name = machine.session?.export.name { exports[name]?.stats.rejected(NBDCommand(rawValue: rejection.type)) }
             writer.sendError(rejection.error, cookie: rejection.cookie, message: rejection.message)
         case .disconnect:
             lifecycle.disconnectReceived()

@@ -41,8 +41,15 @@ final class RequestExecutor<Tracker: RequestTracking> {
 
     private var eventLoop: any EventLoop { writer.context.eventLoop }
 
+    /// Counts a request answered (or failed) now, `start` being when it arrived.
+    private func record(_ request: NBDRequest, _ start: NIODeadline, failed: Bool) {
+        export.stats.record(request.command, length: request.length,
+                            nanoseconds: (NIODeadline.now() - start).nanoseconds, failed: failed)
+    }
+
     func run(_ request: NBDRequest, payload: ByteBuffer?) {
         let backend = export.backend
+        let start = NIODeadline.now()
         if request.command == .read, backend.capabilities.pendingReads,
            let data = pendingRead(request) {
             tracker?.requestStarted()
@@ -53,8 +60,10 @@ final class RequestExecutor<Tracker: RequestTracking> {
                     if !data.sent.load(ordering: .sequentiallyConsistent) {
                         self.writer.sendReadReply(request, data: bytes)
                     }
+                    self.record(request, start, failed: false)
                 case .failure(let error):
                     self.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+                    self.record(request, start, failed: true)
                 }
                 self.finished()
             }
@@ -72,16 +81,17 @@ final class RequestExecutor<Tracker: RequestTracking> {
             ready = nil
         }
         guard let ready else {
-            execute(request, payload: payload)
+            execute(request, payload: payload, start: start)
             return
         }
         tracker?.requestStarted()
         ready.assumeIsolated().whenComplete { result in
             switch result {
             case .success:
-                self.execute(request, payload: payload)
+                self.execute(request, payload: payload, start: start)
             case .failure(let error):
                 self.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+                self.record(request, start, failed: true)
             }
             self.finished()
         }
@@ -94,20 +104,20 @@ final class RequestExecutor<Tracker: RequestTracking> {
         tracker?.requestFinished()
     }
 
-    private func execute(_ request: NBDRequest, payload: ByteBuffer?) {
+    private func execute(_ request: NBDRequest, payload: ByteBuffer?, start: NIODeadline) {
         let backend = export.backend
         // Memory-speed storage runs inline, except range operations so large (multi-GiB zeroing) that
         // they would stall every other connection on this event loop.
         let inline = backend.capabilities.inlineSafe && request.length <= Self.maxInlineRangeLength
         switch request.command {
         case .read:
-            runRead(request)
+            runRead(request, start: start)
         case .write:
-            runWrite(request, payload: payload ?? ByteBuffer())
+            runWrite(request, payload: payload ?? ByteBuffer(), start: start)
         case .blockStatus:
             let maxExtents = request.flags.contains(.reqOne) ? 1 : Self.maxExtents
             let cookie = request.cookie
-            perform(inline: inline, cookie: cookie) {
+            perform(inline: inline, request: request, start: start) {
                 let extents = try backend.blockStatus(offset: request.offset, length: UInt64(request.length),
                                                       maxExtents: maxExtents)
                 var b = ByteBuffer()
@@ -116,7 +126,7 @@ final class RequestExecutor<Tracker: RequestTracking> {
             }
         case .flush, .trim, .writeZeroes, .cache:
             let cookie = request.cookie
-            perform(inline: inline, cookie: cookie) {
+            perform(inline: inline, request: request, start: start) {
                 let offset = request.offset, length = UInt64(request.length), fua = request.flags.contains(.fua)
                 switch request.command {
                 case .flush: try backend.flush()
@@ -137,26 +147,31 @@ final class RequestExecutor<Tracker: RequestTracking> {
     }
 
     /// Runs `body` (which builds the reply) inline or on the thread pool, and sends its reply or error.
-    private func perform(inline: Bool, cookie: UInt64, _ body: @escaping @Sendable () throws -> ByteBuffer) {
+    private func perform(inline: Bool, request: NBDRequest, start: NIODeadline,
+                         _ body: @escaping @Sendable () throws -> ByteBuffer) {
         if inline {
             do {
                 writer.send(try body())
+                record(request, start, failed: false)
             } catch {
-                writer.sendError(NBDErrno(error), cookie: cookie, message: "\(error)")
+                writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+                record(request, start, failed: true)
             }
             return
         }
-        offload(cookie: cookie, body)
+        offload(request, start: start, body)
     }
 
-    private func offload(cookie: UInt64, _ body: @escaping @Sendable () throws -> ByteBuffer) {
+    private func offload(_ request: NBDRequest, start: NIODeadline, _ body: @escaping @Sendable () throws -> ByteBuffer) {
         tracker?.requestStarted()
         export.threadPool.runIfActive(eventLoop: eventLoop, body).assumeIsolated().whenComplete { result in
             switch result {
             case .success(let reply):
                 self.writer.send(reply)
+                self.record(request, start, failed: false)
             case .failure(let error):
-                self.writer.sendError(NBDErrno(error), cookie: cookie, message: "\(error)")
+                self.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+                self.record(request, start, failed: true)
             }
             self.finished()
         }
@@ -180,7 +195,7 @@ final class RequestExecutor<Tracker: RequestTracking> {
         return (future, sent)
     }
 
-    private func runRead(_ request: NBDRequest) {
+    private func runRead(_ request: NBDRequest, start: NIODeadline) {
         let length = Int(request.length)
         let structured = writer.structured
         let backend = export.backend
@@ -198,15 +213,17 @@ final class RequestExecutor<Tracker: RequestTracking> {
             }
             if done == length {
                 writer.send(Self.zeroHoles(reply, request, headerLength: headerLength, structured: structured))
+                record(request, start, failed: false)
                 return
             }
         } catch {
             writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+            record(request, start, failed: true)
             return
         }
         // Would block: read it all on the pool into a fresh buffer (the partial bytes are cheap to re-read).
         let allocator = writer.allocator
-        offload(cookie: request.cookie) {
+        offload(request, start: start) {
             var b = allocator.buffer(capacity: 28 + length)
             header(&b)
             _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
@@ -226,7 +243,7 @@ final class RequestExecutor<Tracker: RequestTracking> {
                                   dontFragment: request.flags.contains(.dontFragment))
     }
 
-    private func runWrite(_ request: NBDRequest, payload: ByteBuffer) {
+    private func runWrite(_ request: NBDRequest, payload: ByteBuffer, start: NIODeadline) {
         let backend = export.backend
         let fua = request.flags.contains(.fua)
         let cookie = request.cookie
@@ -237,15 +254,17 @@ final class RequestExecutor<Tracker: RequestTracking> {
             }
         } catch {
             writer.sendError(NBDErrno(error), cookie: cookie, message: "\(error)")
+            record(request, start, failed: true)
             return
         }
         if done == payload.readableBytes {
             var b = writer.allocator.buffer(capacity: 16)
             b.writeSimpleReply(error: .ok, cookie: cookie)
             writer.send(b)
+            record(request, start, failed: false)
             return
         }
-        offload(cookie: cookie) {
+        offload(request, start: start) {
             _ = try payload.withUnsafeReadableBytes { ptr in
                 try backend.write(from: UnsafeRawBufferPointer(rebasing: ptr[done...]),
                                   offset: request.offset + UInt64(done), fua: fua, nonBlocking: false)

@@ -1,6 +1,7 @@
 import Atomics
 import CLinux
 import NIOConcurrencyHelpers
+import NIOCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -233,6 +234,9 @@ public final class PageStore: @unchecked Sendable {
 
     /// Makes every data write and mark made before the call durable, data first. Cheap when nothing
     /// changed since the last commit.
+    /// How long commits that had something to make durable took (data sync, map write, its sync).
+    public let commitDuration = BucketHistogram()
+
     public func commit() throws {
         try commitLock.withLock {
             guard !closed.load(ordering: .relaxed) else { throw PageStoreError.closed }
@@ -254,6 +258,8 @@ public final class PageStore: @unchecked Sendable {
             }
         }
         guard mapChanged || dataWasDirty else { return }
+        let started = NIODeadline.now()
+        defer { commitDuration.record(nanoseconds: UInt64(max(0, (NIODeadline.now() - started).nanoseconds))) }
         do {
             do {
                 try Sys.fdatasync(dataFD)
