@@ -5,12 +5,15 @@
 # verification errors, the source side must be shut down after every page is local, and the guest
 # must keep running and verifying for 10 s after that; then, with the page cache dropped, all guest
 # RAM is re-read without any source traffic. Control: the same migration without the pull gate
-# (--ungated) must show data errors, i.e. the gate is what keeps stale pages out.
+# (--ungated) must show data errors, i.e. the gate is what keeps stale pages out. The gated run
+# uses --tls: the NBD link runs over TLS with a key made for the run, and a client without it is
+# refused.
 . "$(dirname "$0")/lib.sh"
 
 r() { json_get "$T/$1.json" "j[\"$2\"]"; }
 
-migration gated --mode file --mem 192 --link-rate 200mbit --keep 10
+migration gated --mode file --mem 192 --link-rate 200mbit --keep 10 --tls
+assert_tls_migration "$T/gated.json" "$T/gated"
 assert_eq "status" '"completed"' "$(r gated status)"
 assert_eq "data errors on the destination" 0 "$(r gated data_errors)"
 [ "$(r gated destination_resume_ms)" != null ] || fail "the destination never resumed"

@@ -6,7 +6,8 @@
 # verification errors; once every slot is local the source, then (swapoff, detach, daemon stop,
 # store removed) the destination's daemon, device, store and swap entry must be gone - checked here,
 # from outside, while the guest keeps running - and the guest must run on for at least 10 s after
-# that, making progress.
+# that, making progress. It runs with --tls: the NBD link is TLS with a key made for the run, and a
+# client without it is refused.
 . "$(dirname "$0")/lib.sh"
 
 r() { json_get "$T/mig.json" "j[\"$1\"]"; }
@@ -25,7 +26,7 @@ stop_migration() {
     mig_pid=""
 }
 PRE_STOP_CMDS+=("undo_swap_run mig" "stop_migration")
-"$ROOT/scripts/migrate-vm" --dir "$D" --keep-dir --mode swap --mem 192 --link-rate 200mbit --keep 12 >"$T/mig.out" 2>&1 &
+"$ROOT/scripts/migrate-vm" --dir "$D" --keep-dir --mode swap --mem 192 --link-rate 200mbit --keep 12 --tls >"$T/mig.out" 2>&1 &
 mig_pid=$!
 
 # Wait for the moment migrate-vm says the VM depends on nothing, then look for ourselves.
@@ -58,6 +59,7 @@ sed -n 's/^REPORT //p' "$T/mig.out" >"$T/mig.json"
 [ -s "$T/mig.json" ] || fail "no REPORT line"
 assert_eq "status" '"completed"' "$(r status)"
 assert_eq "mode" '"swap"' "$(r mode)"
+assert_tls_migration "$T/mig.json" "$D"
 assert_eq "data errors on the destination" 0 "$(r data_errors)"
 [ "$(r destination_resume_ms)" != null ] || fail "the destination never resumed"
 [ "$(r staging_ms)" != null ] || fail "no staging time"

@@ -242,6 +242,23 @@ migration() {
     [ -s "$T/$name.json" ] || fail "$name: no REPORT line"
 }
 
+# assert_tls_migration REPORT-JSON DIR: a `migrate-vm --tls` run: the source export required TLS with
+# the run's key, the destination pulled over nbds://, and a client with another key and a plain client
+# were both refused without reading a byte.
+assert_tls_migration() {
+    local json=$1 dir=$2 what
+    for what in wrong_key plain; do
+        [ "$(json_get "$json" "j['tls']['probes_without_key']['$what']['refused']")" = true ] ||
+            fail "--tls: the $what client was not refused: $(json_get "$json" "j['tls']['probes_without_key']['$what']")"
+        [ "$(json_get "$json" "j['tls']['probes_without_key']['$what']['bytes_read']")" = 0 ] ||
+            fail "--tls: the $what client read data"
+    done
+    grep -q -- "--source nbds://umemd@" "$dir/dst-daemon.cmd" || fail "--tls: the destination did not pull over nbds://"
+    grep -q -- "--source-tls-psk" "$dir/dst-daemon.cmd" || fail "--tls: the destination had no key"
+    grep -q "TLS require: pre-shared keys" "$dir/src-export.log" || fail "--tls: the source export did not require TLS"
+    say "TLS: the source export refused a wrong key and a plain client; the destination pulled over nbds://"
+}
+
 # assert_postcopy_outage NAME: `migration NAME ... --source-outage 5@1` had its source export down
 # inside the post-copy phase (restarted before every page was local, more than 6 s to all-local),
 # the guest stalled (a progress gap of 2 s or more) and progressed after the source was gone, and

@@ -11,7 +11,7 @@ from .common import Fatal, build_no_hugepage, build_release, die, ensure_package
 USAGE = """\
 Usage: scripts/migrate-vm [--mode swap|file|precopy|postcopy] [--mem MIB] [--work MIB] [--run-before S]
                           [--keep S] [--link-rate RATE] [--link-delay MS] [--prefetch MODE]
-                          [--source-outage S[@AFTER]] [--fail-dest] [--fail-gate] [--ungated] [--dir DIR]
+                          [--source-outage S[@AFTER]] [--fail-dest] [--fail-gate] [--ungated] [--tls] [--dir DIR]
 
 Boots a test VM (Debian's kernel, a busybox initramfs running `nbd-mmap work`, which verifies and
 rewrites a working set of --work MiB continuously and prints its progress on the serial console)
@@ -94,6 +94,11 @@ SIGTERM) turns off a swap device this run turned on.
   --fail-gate          swap mode: make the gate open at the switch-over fail (the harness's own
                        control socket refuses it after 0.5 s; tests giving the VM back to a source
                        that has already sent everything)
+  --tls                file and swap modes: the NBD link runs over TLS with a pre-shared key made for
+                       this migration (DIR/keys.psk, identity "umemd", 256 bits): the source export
+                       requires TLS (--tls require --tls-psk), the destination daemon pulls from
+                       nbds://umemd@SOURCE/ (--source-tls-psk). Before migrating, a client with
+                       another key and a plain client are checked to be refused (report: tls)
   --ungated            (tests only, file mode) no pull gate: the destination pulls while the source
                        VM still runs, which is what the gate exists to prevent (expect data errors)
   --dir DIR            working directory (default: a new one under /tmp, removed unless --keep-dir)
@@ -107,13 +112,14 @@ class Options:
     mode, mem, work, dest_args, read_ahead, thp, run_before, keep = "swap", "256", "", "", "64", False, "3", "10"
     link_rate, link_delay, prefetch, outage, fail_dest, ungated, dir, keep_dir = "", "", "adaptive", "", False, False, "", False
     fail_gate = False
+    tls = False
 
 
 VALUED = {"--mode": "mode", "--mem": "mem", "--work": "work", "--run-before": "run_before", "--keep": "keep",
           "--link-rate": "link_rate", "--link-delay": "link_delay", "--prefetch": "prefetch", "--dest-args": "dest_args",
           "--read-ahead": "read_ahead", "--source-outage": "outage", "--dir": "dir"}
 FLAGS = {"--thp": "thp", "--fail-dest": "fail_dest", "--fail-gate": "fail_gate", "--ungated": "ungated",
-         "--keep-dir": "keep_dir"}
+         "--keep-dir": "keep_dir", "--tls": "tls"}
 
 
 def parse(argv):
@@ -152,6 +158,10 @@ def parse(argv):
             die("--ungated applies to --mode file only")
     elif o.mode != "file":
         die("--mode must be file (or umemd), swap, precopy or postcopy")
+    if o.tls and o.mode not in ("file", "swap"):
+        die("--tls applies to --mode file and swap (the NBD link)")
+    if o.tls and o.link_delay:
+        die("--tls and --link-delay cannot be used together (the delay proxy speaks plain NBD)")
     if o.fail_gate and o.mode != "swap":
         die("--fail-gate applies to --mode swap only")
     if o.prefetch not in ("adaptive", "sequential", "off"):

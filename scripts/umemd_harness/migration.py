@@ -167,6 +167,8 @@ class Migration:
         self.no_hugepage = None
         self.counters_setup = None    # link counters when the destination setup began
         self.figures = {}             # swap mode's end of post-copy, file mode's writes after completion
+        self.psk = None               # --tls: this run's pre-shared key file (identity "umemd")
+        self.tls_probes = None        # --tls: what a client without the key got from the source export
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -180,16 +182,45 @@ class Migration:
         return Server(name, argv, pidfile, self.path(log_name), netns=host.ns, announce=False, log_mode=log_mode,
                       own_session=own_session)
 
+    def make_psk(self):
+        """--tls: a fresh pre-shared key for this migration, in psktool's format (identity:hexkey),
+        readable by root only; both daemons read it (on two real hosts: copied over a secure channel)."""
+        self.psk = self.path("keys.psk")
+        fd = os.open(self.psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("umemd:%s\n" % os.urandom(32).hex())
+
     def start_export(self):
-        """The source host's export of the RAM file (appends to src-export.log)."""
+        """The source host's export of the RAM file (appends to src-export.log); with --tls, TLS is
+        required with this run's pre-shared key."""
         pidfile = self.path("src-export.pid")
+        tls = ["--tls", "require", "--tls-psk", self.psk] if self.psk else []
         exp = self._proc("source export", [self.umemd, "serve", "--file", self.ramfile, "--readonly", "--port",
-                                           str(EXPORT_PORT), "--bind", SRC_IP, "--pidfile", pidfile],
+                                           str(EXPORT_PORT), "--bind", SRC_IP, "--pidfile", pidfile] + tls,
                          "src-export.log", self.hosts.src, pidfile, log_mode="ab")
         exp.launch()
         self.src_export = exp
         if not exp.wait_listening(20):
             die("the source export did not start: %s" % tail(self.path("src-export.log"), 3))
+
+    def probe_without_key(self):
+        """--tls: from the destination host, a client with another key and a plain client must both
+        be refused by the source export, and read nothing."""
+        wrong = self.path("wrong.psk")
+        with open(wrong, "w") as f:
+            f.write("umemd:%s\n" % os.urandom(32).hex())
+        probes = {}
+        for name, uri in (("wrong_key", "nbds://umemd@%s:%d/?tls-psk-file=%s" % (SRC_IP, EXPORT_PORT, wrong)),
+                          ("plain", "nbd://%s:%d/" % (SRC_IP, EXPORT_PORT))):
+            out = self.path("probe-%s.out" % name)
+            rc, _ = run_child(self.hosts.dst.cmd(["nbdcopy", uri, out]), self.path("probe-%s.log" % name), timeout=60)
+            got = os.path.getsize(out) if os.path.exists(out) else 0
+            probes[name] = {"exit_status": rc, "bytes_read": got, "refused": rc != 0 and got == 0,
+                            "error": tail(self.path("probe-%s.log" % name), 1).strip()}
+            if not probes[name]["refused"]:
+                die("--tls: a client without the key read the source export (%s: exit %d, %d bytes)" % (name, rc, got))
+        self.tls_probes = probes
+        say("TLS: the source export refuses a wrong key and a plain client (%s)" % probes["wrong_key"]["error"])
 
     def stop_export(self):
         if self.src_export is not None:
@@ -624,8 +655,12 @@ class Migration:
             die("the guest's workload did not start within 120 s")
         say("source VM running (%d MiB RAM, working set %d MiB); migrating (%s) in %s s" % (o.mem, o.work, o.mode, o.run_before))
         if o.mode in LAZY_MODES:
+            if o.tls:
+                self.make_psk()
             self.start_export()
-            self.source_uri = "nbd://%s:%d" % (SRC_IP, EXPORT_PORT)
+            self.source_uri = ("nbds://umemd@%s:%d/" if o.tls else "nbd://%s:%d") % (SRC_IP, EXPORT_PORT)
+            if o.tls:
+                self.probe_without_key()
             if o.link_delay:
                 self.proxy = self._proc("delay proxy", [
                     "nbdkit", "--exit-with-parent", "-f", "-p", str(PROXY_PORT), "-i", SRC_IP, "--filter=delay", "nbd",
@@ -694,6 +729,8 @@ class Migration:
         o = self.o
         pidfile = self.path("dst.pid")
         args = [self.umemd, "serve", "--source", self.source_uri, "--store", self.path("store"), "--reset-store"]
+        if self.psk:
+            args += ["--source-tls-psk", self.psk]
         if self.swap:
             args += ["--swap-size", "%dM" % (o.mem + SWAP_HEADROOM_MIB), "--gated", "--swap"]
         elif not o.ungated:
@@ -1121,6 +1158,7 @@ class Migration:
             "max_progress_gap_ms": round(max(gaps) * 1000) if gaps else None,
             "reread_without_source": reread,
             "data_errors": errors,
+            "tls": {"psk_identity": "umemd", "probes_without_key": self.tls_probes} if self.psk else None,
             "leftovers_after_independent_list": fig.get("leftovers_after_independent_list"),
             "rates": [[round(ts, 3), rt] for ts, _, rt, _ in lines if ts >= -5.0],
         }
