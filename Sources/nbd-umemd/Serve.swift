@@ -307,11 +307,13 @@ struct Serve: ParsableCommand {
             }
         }
         var configuration = try daemonConfiguration()
-        if activated != nil {
+        // (taking the inherited sockets clears LISTEN_PID/LISTEN_FDS: decide once, before)
+        let isActivated = activated != nil
+        if isActivated {
             configuration.listeners = SocketActivation.inheritedListeners() ?? configuration.listeners
         }
         var privateDir: String? = nil
-        if runCommand != nil && activated == nil && unix == nil && port == nil && bind == nil {
+        if runCommand != nil && !isActivated && unix == nil && port == nil && bind == nil {
             // captive mode without a listener: a private Unix socket, as nbdkit does
             var template = Array("/tmp/nbd-umemd-run.XXXXXX".utf8CString)
             guard let dir = mkdtemp(&template) else { throw ValidationError("--run: cannot create a private socket directory") }

@@ -50,8 +50,16 @@ before/during/after, data errors, and for the nbd-umemd modes the NBD writes aft
 mode staging, swapoff and the time until the VM depends on nothing; medians, ratios against postcopy,
 the acceptance checks, and a PNG of the guest's rate over time.
 
+TLS suite: nbd-umemd --tls require against nbdkit --tls=require on the same x509 certificates (TLS 1.3
+on both; fio over nbds+unix with the test CA in /etc/pki/libnbd, libnbd's default directory, created
+and removed by the suite): 4K random read QD1 (p50) and QD16, 1M sequential read QD8; the cost of
+scraping --metrics once a second (4K random read QD16, scraped and not); the demand-miss p50 of a lazy
+export through a TLS source link against a plain one. The migration over TLS: --suite migrate
+--mig-modes swap,swap-tls (or file,file-tls).
+
 Options:
-  --suite S       core, lazy, prefetch, migrate or all    (default all, env BENCH_SUITE)
+  --suite S       core, lazy, prefetch, migrate, tls or all (default all, env BENCH_SUITE; all = the
+                  first four)
   --rounds N      rounds per workload and server          (default 5, env BENCH_ROUNDS)
   --runtime S     measured seconds per fio run            (default 5, env BENCH_RUNTIME)
   --ramp S        unmeasured warm-up seconds per fio run  (default 1, env BENCH_RAMP)
@@ -146,8 +154,8 @@ def parse(argv):
         die("--size must be a multiple of 1M")
     if not o.suite:
         o.suite = "core" if o.aa else "all"
-    if o.suite not in ("core", "lazy", "prefetch", "migrate", "all"):
-        die("--suite must be core, lazy, prefetch, migrate or all, got '%s'" % o.suite)
+    if o.suite not in ("core", "lazy", "prefetch", "migrate", "tls", "all"):
+        die("--suite must be core, lazy, prefetch, migrate, tls or all, got '%s'" % o.suite)
     check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds")])
     if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):
         die("--mig-link wants a tc rate such as 200mbit, got '%s'" % o.mig_link)
@@ -170,6 +178,8 @@ def setup(o, run):
         ensure_packages()
         if "migrate" in run:
             ensure_packages("python3-matplotlib", "iproute2", "fuse3")
+        if "tls" in run:
+            ensure_packages("gnutls-bin")
     umemd = None
     if not o.aa:
         if o.build:
@@ -202,7 +212,7 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="nbd-bench.", dir="/tmp")
     b = suites.Bench(o, umemd, work)
     try:
-        if set(run) & {"core", "lazy", "prefetch"}:
+        if set(run) & {"core", "lazy", "prefetch", "tls"}:
             st = os.statvfs("/dev/shm")
             if st.f_bavail * st.f_frsize <= o.size_bytes + 64 * 1048576:
                 die("not enough space in /dev/shm for %s" % o.size)

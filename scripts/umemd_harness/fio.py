@@ -44,11 +44,11 @@ def read_percentiles(path):
     return (round(pct["50.000000"] / 1000.0, 3), round(pct["99.000000"] / 1000.0, 3), side["total_ios"])
 
 
-def run(name, sock, args, out, timeout, against, what, parse, server=None):
-    """fio --name=NAME --ioengine=nbd --uri=nbd+unix:///?socket=SOCK ARGS --output=OUT within TIMEOUT s;
-    returns parse(OUT). Fatal (with fio's output and, after checking SERVER is alive, the end of its
-    log) if fio fails."""
-    cmd = ["fio", "--name=" + name, "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + sock] + list(args) + ["--output=" + out]
+def run(name, sock, args, out, timeout, against, what, parse, server=None, scheme="nbd+unix"):
+    """fio --name=NAME --ioengine=nbd --uri=SCHEME:///?socket=SOCK ARGS --output=OUT within TIMEOUT s
+    (SCHEME nbds+unix: TLS, x509 credentials from libnbd's default directory); returns parse(OUT).
+    Fatal (with fio's output and, after checking SERVER is alive, the end of its log) if fio fails."""
+    cmd = ["fio", "--name=" + name, "--ioengine=nbd", "--uri=%s:///?socket=%s" % (scheme, sock)] + list(args) + ["--output=" + out]
     err = out[:-len(".json")] + ".err" if out.endswith(".json") else out + ".err"
     with open(err, "wb") as e:
         try:

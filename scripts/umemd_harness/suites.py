@@ -458,8 +458,8 @@ def _keep_failed_run(run_dir, name):
     log("    the failed run's logs and consoles are kept in %s" % keep)
 
 
-MIG_MODES = ["precopy", "postcopy", "file", "swap"]   # the contenders (migrate-vm --mode), default order
-LAZY_MIG_MODES = ("file", "swap")                      # nbd-umemd's: a failure ends the benchmark
+MIG_MODES = ["precopy", "postcopy", "file", "swap", "file-tls", "swap-tls"]   # migrate-vm --mode (-tls: with --tls)
+LAZY_MIG_MODES = ("file", "swap", "file-tls", "swap-tls")   # nbd-umemd's: a failure ends the benchmark
 
 
 def run_migrate(b):
@@ -475,8 +475,9 @@ def run_migrate(b):
             mode = modes[(i + rnd - 1) % len(modes)]
             out = os.path.join(d, "%s-%d" % (mode, rnd))
             log("  round %d: %s" % (rnd, mode))
-            cmd = ["timeout", "1800", os.path.join(ROOT, "scripts", "migrate-vm"), "--mode", mode, "--mem", str(o.mig_mem),
-                   "--link-rate", o.mig_link, "--keep", str(o.mig_keep), "--dir", out, "--keep-dir"]
+            base, tls = (mode[:-len("-tls")], ["--tls"]) if mode.endswith("-tls") else (mode, [])
+            cmd = ["timeout", "1800", os.path.join(ROOT, "scripts", "migrate-vm"), "--mode", base, "--mem", str(o.mig_mem),
+                   "--link-rate", o.mig_link, "--keep", str(o.mig_keep), "--dir", out, "--keep-dir"] + tls
             with open(out + ".log", "wb") as f:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
             text = read_text(out + ".log")
@@ -513,3 +514,207 @@ def run_migrate(b):
     params = "rounds=%d mem=%dMiB work=%dMiB link=%s keep=%ds" % (o.mig_rounds, o.mig_mem, o.mig_mem // 2, o.mig_link, o.mig_keep)
     args = "scripts/migrate-vm --mode MODE --mem %d --link-rate %s --keep %d" % (o.mig_mem, o.mig_link, o.mig_keep)
     return reports.migrate(runs, b.env(), params, args, o.markdown, o.plot)
+
+
+# =================================================================================================
+# TLS suite
+# =================================================================================================
+TLS_WORKLOADS = [w for w in CORE_WORKLOADS if w[0] in ("qd1", "rr16", "seq8")]
+LIBNBD_PKI = "/etc/pki/libnbd"   # libnbd's x509 directory for root when the URI names none (fio's case)
+
+
+def _make_pki(d):
+    """A CA and a server certificate for localhost (certtool), in nbdkit's layout."""
+    os.makedirs(d, exist_ok=True)
+    def ct(*args):
+        r = subprocess.run(["certtool"] + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            die("certtool %s: %s" % (" ".join(args), r.stderr.decode(errors="replace")))
+    p = lambda n: os.path.join(d, n)
+    with open(p("ca.info"), "w") as f:
+        f.write("cn = bench CA\nca\ncert_signing_key\nexpiration_days = 30\n")
+    with open(p("server.info"), "w") as f:
+        f.write("cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n"
+                "expiration_days = 30\n")
+    ct("--generate-privkey", "--outfile", p("ca-key.pem"))
+    ct("--generate-self-signed", "--load-privkey", p("ca-key.pem"), "--template", p("ca.info"), "--outfile", p("ca-cert.pem"))
+    ct("--generate-privkey", "--outfile", p("server-key.pem"))
+    ct("--generate-certificate", "--load-ca-certificate", p("ca-cert.pem"), "--load-ca-privkey", p("ca-key.pem"),
+       "--load-privkey", p("server-key.pem"), "--template", p("server.info"), "--outfile", p("server-cert.pem"))
+    return d
+
+
+class _Scraper:
+    """GETs URL once a second in a thread (the metrics row)."""
+
+    def __init__(self, url):
+        import threading
+        import urllib.request
+        self.url, self.stop_event, self.count = url, threading.Event(), 0
+        def loop():
+            while not self.stop_event.wait(1.0):
+                try:
+                    with urllib.request.urlopen(self.url, timeout=5) as r:
+                        r.read()
+                    self.count += 1
+                except OSError:
+                    pass
+        self.thread = threading.Thread(target=loop, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join()
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if n == 0 else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2.0)
+
+
+def run_tls(b):
+    """TLS rows: nbd-umemd --tls require against nbdkit --tls=require on the same x509 certificates
+    (fio 4K random read QD1 and QD16, 1M sequential read QD8, over nbds+unix; TLS 1.3 on both);
+    the cost of scraping --metrics once a second (4K random read QD16, scraper on and off); and the
+    demand-miss latency of a lazy export through a TLS source link against a plain one (nbdkit
+    file, x509; fio 4K random read QD1 over fresh stores, the daemon's miss p50)."""
+    o, w = b.o, b.work
+    if os.path.exists(LIBNBD_PKI):
+        die("%s exists: the TLS suite puts its test CA there for fio (libnbd's default directory) and "
+            "will not touch an existing one" % LIBNBD_PKI)
+    pki = _make_pki(os.path.join(w, "pki"))
+    os.makedirs(LIBNBD_PKI)
+    try:
+        shutil.copy(os.path.join(pki, "ca-cert.pem"), os.path.join(LIBNBD_PKI, "ca-cert.pem"))
+        return _run_tls(b, pki)
+    finally:
+        shutil.rmtree(LIBNBD_PKI, ignore_errors=True)
+
+
+def _run_tls(b, pki):
+    o, w = b.o, b.work
+    common = ["--direct=0", "--numjobs=1", "--group_reporting", "--size=%d" % o.size_bytes, "--norandommap",
+              "--randrepeat=0", "--time_based", "--runtime=%d" % o.runtime, "--ramp_time=%d" % o.ramp,
+              "--output-format=json"]
+    results = {}
+    with Servers() as servers:
+        a_sock, k_sock, m_sock = (os.path.join(w, n) for n in ("umemd-tls.sock", "nbdkit-tls.sock", "umemd-m.sock"))
+        pidfile = os.path.join(w, "umemd-tls.pid")
+        a = servers.start(Server("nbd-umemd", [b.umemd, "serve", "--file", b.img, "--unix", a_sock, "--pidfile", pidfile,
+                                               "--tls", "require", "--tls-certificates", pki], pidfile,
+                                 os.path.join(w, "umemd-tls.log"), sock=a_sock))
+        k = servers.start(nbdkit_server("nbdkit", ["--tls=require", "--tls-certificates=" + pki, "file", b.img], k_sock,
+                                        os.path.join(w, "nbdkit-tls.pid"), os.path.join(w, "nbdkit-tls.log")))
+        mpid = os.path.join(w, "umemd-m.pid")
+        port = _free_port()
+        m = servers.start(Server("nbd-umemd --metrics", [b.umemd, "serve", "--file", b.img, "--unix", m_sock, "--pidfile",
+                                                         mpid, "--metrics", "127.0.0.1:%d" % port], mpid,
+                                 os.path.join(w, "umemd-m.log"), sock=m_sock))
+        by_label = {"nbd-umemd": a, "nbdkit": k}
+        for rnd in range(1, o.rounds + 1):
+            for i, (wl, wargs) in enumerate(TLS_WORKLOADS):
+                order = ["nbd-umemd", "nbdkit"] if (rnd + i) % 2 else ["nbdkit", "nbd-umemd"]
+                for server in order:
+                    srv = by_label[server]
+                    vals = fio.run(wl, srv.sock, wargs + common, os.path.join(w, "tls-%s-%s-%d.json" % (wl, server, rnd)),
+                                   o.runtime + o.ramp + 60, server, "TLS %s, round %d" % (wl, rnd), fio.iops_latency, srv,
+                                   scheme="nbds+unix")
+                    results.setdefault((wl, server), []).append(vals)
+                    log("  TLS %s %s round %d: iops/clat_mean_us/clat_p50_us/GiBps = %.3f %.3f %.3f %.6f"
+                        % ((wl, server, rnd) + vals))
+            # metrics scraping: rr16 with the scraper on and off, alternating
+            rr16 = dict(CORE_WORKLOADS)["rr16"]
+            for scraped in ([True, False] if rnd % 2 else [False, True]):
+                out = os.path.join(w, "metrics-%s-%d.json" % ("on" if scraped else "off", rnd))
+                if scraped:
+                    with _Scraper("http://127.0.0.1:%d/metrics" % port) as sc:
+                        vals = fio.run("rr16", m_sock, rr16 + common, out, o.runtime + o.ramp + 60, "nbd-umemd --metrics",
+                                       "metrics round %d" % rnd, fio.iops_latency, m)
+                    if sc.count < o.runtime:
+                        die("the scraper got only %d answers in %d s" % (sc.count, o.runtime))
+                else:
+                    vals = fio.run("rr16", m_sock, rr16 + common, out, o.runtime + o.ramp + 60, "nbd-umemd --metrics",
+                                   "metrics round %d" % rnd, fio.iops_latency, m)
+                results.setdefault(("metrics", "scraped" if scraped else "idle"), []).append(vals)
+                log("  rr16 with metrics %s round %d: %.0f IOPS" % ("scraped 1/s" if scraped else "not scraped", rnd, vals[0]))
+    miss = _tls_miss_latency(b, pki)
+    lines = ["", "TLS suite (x509, TLS 1.3 on both; fio over nbds+unix; medians of %d rounds, %ds each):" % (o.rounds, o.runtime),
+             "| workload | nbd-umemd | nbdkit | ratio |", "|---|---|---|---|"]
+    ok = True
+    for wl, _ in TLS_WORKLOADS:
+        u = [v[0] for v in results[(wl, "nbd-umemd")]]
+        n = [v[0] for v in results[(wl, "nbdkit")]]
+        if wl == "qd1":
+            ul, nl = _median([v[2] for v in results[(wl, "nbd-umemd")]]), _median([v[2] for v in results[(wl, "nbdkit")]])
+            lines.append("| 4K random read QD1, p50 latency us | %.1f | %.1f | %.3f (target <= 1.1) |" % (ul, nl, ul / nl))
+            ok = ok and ul / nl <= 1.1
+        else:
+            label = {"rr16": "4K random read QD16, IOPS", "seq8": "1M sequential read QD8, MiB/s"}[wl]
+            if wl == "seq8":
+                u = [v[3] * 1024 for v in results[(wl, "nbd-umemd")]]
+                n = [v[3] * 1024 for v in results[(wl, "nbdkit")]]
+            lines.append("| %s | %.0f | %.0f | %.3f (target >= 1.0) |" % (label, _median(u), _median(n), _median(u) / _median(n)))
+            ok = ok and _median(u) / _median(n) >= 1.0
+    on = _median([v[0] for v in results[("metrics", "scraped")]])
+    off = _median([v[0] for v in results[("metrics", "idle")]])
+    lines.append("| 4K random read QD16 with --metrics scraped 1/s vs not, IOPS | %.0f | %.0f | %.3f (target >= 0.98) |" % (on, off, on / off))
+    ok = ok and on / off >= 0.98
+    if miss:
+        tls_p50, plain_p50, rounds = miss
+        lines.append("| demand-miss p50 through a TLS source link vs plain, us | %.1f | %.1f | %.3f (target <= 1.1) |"
+                     % (tls_p50, plain_p50, tls_p50 / plain_p50))
+        ok = ok and tls_p50 / plain_p50 <= 1.1
+    print("\n".join(lines), flush=True)
+    return ok
+
+
+def _free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _tls_miss_latency(b, pki):
+    """Median over rounds of the lazy export's demand-miss p50 (its status) under fio 4K random reads
+    QD1, the source being nbdkit file over TLS (x509) or plain, a fresh store each run, alternating."""
+    o, w = b.o, b.work
+    d = os.path.join(w, "tls-lazy")
+    os.makedirs(d, exist_ok=True)
+    p50 = {"tls": [], "plain": []}
+    with Servers() as servers:
+        src_tls = servers.start(nbdkit_server("source (TLS)", ["--tls=require", "--tls-certificates=" + pki, "file", b.img],
+                                              os.path.join(d, "src-tls.sock"), os.path.join(d, "src-tls.pid"),
+                                              os.path.join(d, "src-tls.log")))
+        src_plain = servers.start(nbdkit_server("source", ["file", b.img], os.path.join(d, "src.sock"),
+                                                os.path.join(d, "src.pid"), os.path.join(d, "src.log")))
+        for rnd in range(1, o.rounds + 1):
+            for kind in (["tls", "plain"] if rnd % 2 else ["plain", "tls"]):
+                run_dir = os.path.join(d, "%s-%d" % (kind, rnd))
+                os.makedirs(run_dir)
+                sock, ctl, pidfile = (os.path.join(run_dir, n) for n in ("sock", "ctl", "pid"))
+                if kind == "tls":
+                    source = ["--source", "nbds+unix:///?socket=" + src_tls.sock, "--source-tls-certificates", pki]
+                else:
+                    source = ["--source", "nbd+unix:///?socket=" + src_plain.sock]
+                srv = servers.start(Server("lazy (%s source)" % kind, [b.umemd, "serve"] + source + [
+                    "--store", os.path.join(run_dir, "store"), "--prefetch", "off", "--fetch-size", "4K", "--unix", sock,
+                    "--control", ctl, "--pidfile", pidfile], pidfile, os.path.join(run_dir, "log"), sock=sock))
+                fio.run("miss", sock, ["--rw=randread", "--bs=4k", "--iodepth=1", "--size=%d" % o.size_bytes, "--norandommap",
+                                       "--randrepeat=0", "--time_based", "--runtime=%d" % min(o.runtime, 5),
+                                       "--output-format=json"], os.path.join(run_dir, "fio.json"), 120, "lazy", "miss latency",
+                        fio.iops_latency, srv)
+                st = _status(b.umemd, ctl) or {}
+                servers.stop(srv, "the TLS miss benchmark")
+                if st.get("miss_latency_p50_us") is None:
+                    die("the lazy export (%s source) reported no miss latency" % kind)
+                p50[kind].append(st["miss_latency_p50_us"])
+                log("  demand-miss p50 with a %s source link, round %d: %.1f us (%d misses)"
+                    % (kind, rnd, st["miss_latency_p50_us"], st.get("demand_misses", 0)))
+    return _median(p50["tls"]), _median(p50["plain"]), o.rounds
