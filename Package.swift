@@ -33,7 +33,6 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Atomics", package: "swift-atomics"),
@@ -42,10 +41,21 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // TLS (swift-nio-ssl) for the NBD server, kept out of NbdPager so that the library and its
+        // fuzz targets build without a TLS library.
+        .target(
+            name: "NbdTLS",
+            dependencies: [
+                "NbdPager",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
+        ),
         .executableTarget(
             name: "nbd-umemd",
             dependencies: [
                 "NbdPager",
+                "NbdTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -54,6 +64,7 @@ let package = Package(
             name: "NbdPagerTests",
             dependencies: [
                 "NbdPager",
+                "NbdTLS",
                 "CNbd",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Logging
 import NbdPager
+import NbdTLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -289,7 +290,11 @@ struct Serve: ParsableCommand {
         if let mode = TLSSettings.Mode(rawValue: tls), mode != .off {
             let credentials: TLSSettings.Credentials? = tlsPsk.map { .psk(file: $0) }
                 ?? tlsCertificates.map { .x509(directory: $0, verifyPeer: tlsVerifyPeer) }
-            c.tls = TLSSettings(mode: mode, credentials: credentials)
+            do {
+                c.tls = try TLSServer(TLSSettings(mode: mode, credentials: credentials))
+            } catch {
+                throw ValidationError(error.description)
+            }
         }
         c.metrics = metrics.flatMap(Self.hostPort)
         c.policy.allow = allow

@@ -1,6 +1,7 @@
 import NIOCore
 import XCTest
 @testable import NbdPager
+@testable import NbdTLS
 
 /// NBD_OPT_STARTTLS in the state machine, and the PSK key file format.
 final class TLSTests: XCTestCase {

@@ -62,14 +62,8 @@ public final class Daemon: Sendable {
                                          backend: export.backend, readOnly: config.readOnly,
                                          minimumBlockSize: config.minimumBlockSize, threadPool: pool))
         }
-        let server: NBDServer
-        do {
-            server = try NBDServer(exports: exports.map(\.export), listeners: c.listeners, group: group, logger: logger,
-                                   pollWindow: c.pollWindow, policy: c.policy, tls: c.tls)
-        } catch {
-            exports.forEach { try? $0.export.backend.close() }
-            throw error
-        }
+        let server = NBDServer(exports: exports.map(\.export), listeners: c.listeners, group: group, logger: logger,
+                               pollWindow: c.pollWindow, policy: c.policy, tls: c.tls)
         let service = DaemonService(daemon: self, exports: exports, server: server, runtime: runtime,
                                     group: group, lifecycle: lifecycle)
         if c.swap {

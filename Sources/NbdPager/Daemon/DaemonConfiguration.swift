@@ -31,8 +31,8 @@ public struct DaemonConfiguration: Sendable {
     public var policy = ConnectionPolicy()
     /// `--metrics`: serve Prometheus metrics over HTTP here (host, port).
     public var metrics: (host: String, port: Int)?
-    /// TLS for clients (NBD_OPT_STARTTLS); nil or mode off: none.
-    public var tls: TLSSettings?
+    /// TLS for clients (NBD_OPT_STARTTLS), e.g. `NbdTLS.TLSServer(settings)`; nil or mode off: none.
+    public var tls: (any NBDTLSContext)?
     /// Longest wait for open connections to finish their requests on shutdown.
     public var shutdownGrace: TimeAmount = .seconds(30)
 

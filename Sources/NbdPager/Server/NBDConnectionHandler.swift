@@ -2,7 +2,6 @@ import CLinux
 import Logging
 import NIOCore
 import NIOPosix
-import NIOSSL
 
 /// Runs one NBD connection: feeds received bytes to `NBDServerStateMachine`, reports what happens on the
 /// channel to `ConnectionLifecycle`, and carries out the actions both return.
@@ -27,7 +26,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     private let exports: [String: Export]
     private let tracker: ConnectionTracker
     private let policy: ConnectionPolicy
-    private let tls: TLSServer?
+    private let tls: (any NBDTLSContext)?
     private var logger: Logger
 
     /// Received bytes not parsed yet.
@@ -40,7 +39,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     private var executor: RequestExecutor<NBDConnectionHandler>?
 
     init(exports: [Export], tracker: ConnectionTracker, logger: Logger, pollWindow: TimeAmount = .zero,
-         policy: ConnectionPolicy = ConnectionPolicy(), tls: TLSServer? = nil) {
+         policy: ConnectionPolicy = ConnectionPolicy(), tls: (any NBDTLSContext)? = nil) {
         self.policy = policy
         self.tls = tls
         self.poll = BusyPoll(window: pollWindow)
@@ -114,12 +113,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if machine.isTLSActive, error is NIOSSLError || error is BoringSSLError {
+        if machine.isTLSActive, let text = tls?.describe(error) {
             let peer = peerDescription(context.channel.remoteAddress)
             if machine.isInTransmission {
-                logger.info("TLS error from \(peer): \(TLSServer.explain(error))")
+                logger.info("TLS error from \(peer): \(text)")
             } else {
-                logger.warning("TLS handshake with \(peer) failed: \(TLSServer.explain(error))")
+                logger.warning("TLS handshake with \(peer) failed: \(text)")
             }
         } else {
             logger.debug("connection error: \(error)")
@@ -299,7 +298,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
             writer.flushIfNeeded()
             writer.stopDirectWrites()
             do {
-                try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
+                try context.pipeline.syncOperations.addHandler(tls.makeServerHandler(), position: .first)
             } catch {
                 logger.error("cannot start TLS: \(error)")
                 lifecycle.closeRequested()

@@ -67,18 +67,16 @@ public final class NBDServer: Sendable {
     /// trading CPU for the wake-up latency of a latency-bound client. Zero disables it.
     public let pollWindow: TimeAmount
     public let policy: ConnectionPolicy
-    let tls: TLSServer?
+    let tls: (any NBDTLSContext)?
 
-    /// Throws when the TLS credentials cannot be loaded.
     public init(exports: [Export], listeners: [NBDListener], group: any EventLoopGroup, logger: Logger,
                 pollWindow: TimeAmount = .zero, policy: ConnectionPolicy = ConnectionPolicy(),
-                tls: TLSSettings? = nil) throws(DaemonError) {
+                tls: (any NBDTLSContext)? = nil) {
         self.exports = exports
         self.policy = policy
         if let tls, tls.mode != .off {
-            let server = try TLSServer(tls)
-            self.tls = server
-            logger.info("TLS \(tls.mode.rawValue): \(server.summary)")
+            self.tls = tls
+            logger.info("TLS \(tls.mode.rawValue): \(tls.summary)")
         } else {
             self.tls = nil
         }

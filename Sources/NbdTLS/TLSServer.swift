@@ -1,46 +1,20 @@
+import NIOCore
 import NIOSSL
+import NbdPager
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// TLS on the server side (NBD_OPT_STARTTLS): `serve --tls off|on|require` with x509 certificates in
-/// nbdkit's directory layout or GnuTLS `psktool` pre-shared keys.
-public struct TLSSettings: Sendable {
-    public enum Mode: String, Sendable, CaseIterable {
-        /// NBD_OPT_STARTTLS is refused (NBD_REP_ERR_UNSUP).
-        case off
-        /// Clients may upgrade with NBD_OPT_STARTTLS, or stay in plain text.
-        case on
-        /// Every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD until TLS is up.
-        case require
-    }
-
-    public enum Credentials: Sendable {
-        /// `DIR/ca-cert.pem`, `DIR/server-cert.pem`, `DIR/server-key.pem` (nbdkit's layout); with
-        /// `verifyPeer` a client must present a certificate signed by the CA.
-        case x509(directory: String, verifyPeer: Bool)
-        /// `psktool` lines `identity:hexkey`.
-        case psk(file: String)
-    }
-
-    public var mode: Mode
-    public var credentials: Credentials?
-
-    public init(mode: Mode, credentials: Credentials?) {
-        self.mode = mode
-        self.credentials = credentials
-    }
-}
-
-/// The TLS context the connections of a server share, built once at start-up (a credential that cannot
-/// be loaded stops the daemon with a message).
-final class TLSServer: Sendable {
-    let mode: TLSSettings.Mode
+/// The TLS context the connections of a server share (swift-nio-ssl over BoringSSL), built once at
+/// start-up from `TLSSettings`: a credential that cannot be loaded is an error before anything
+/// listens. The NBD server uses it through `NBDTLSContext`.
+public final class TLSServer: NBDTLSContext {
+    public let mode: TLSSettings.Mode
     let context: NIOSSLContext
     /// What the log says about the credentials.
-    let summary: String
+    public let summary: String
 
-    init(_ settings: TLSSettings) throws(DaemonError) {
+    public init(_ settings: TLSSettings) throws(DaemonError) {
         mode = settings.mode
         guard let credentials = settings.credentials else {
             throw DaemonError("--tls \(settings.mode.rawValue) needs --tls-certificates DIR or --tls-psk FILE")
@@ -96,6 +70,15 @@ final class TLSServer: Sendable {
         } catch {
             throw DaemonError("TLS: \(error)")
         }
+    }
+
+    public func makeServerHandler() -> any ChannelHandler {
+        NIOSSLServerHandler(context: context)
+    }
+
+    public func describe(_ error: any Error) -> String? {
+        guard error is NIOSSLError || error is BoringSSLError else { return nil }
+        return Self.explain(error)
     }
 
     /// A TLS failure as the operator needs it: what went wrong in words, with BoringSSL's reason.
