@@ -179,7 +179,7 @@ def setup(o, run):
         if "migrate" in run:
             ensure_packages("python3-matplotlib", "iproute2", "fuse3")
         if "tls" in run:
-            ensure_packages("gnutls-bin")
+            ensure_packages("gnutls-bin", "curl")
     umemd = None
     if not o.aa:
         if o.build:
