@@ -322,8 +322,9 @@ struct Serve: ParsableCommand {
             // captive mode without a listener: a private Unix socket, as nbdkit does
             var template = Array("/tmp/nbd-umemd-run.XXXXXX".utf8CString)
             guard let dir = mkdtemp(&template) else { throw ValidationError("--run: cannot create a private socket directory") }
-            privateDir = String(cString: dir)
-            configuration.listeners = [.unix(path: privateDir! + "/socket")]
+            let path = String(cString: dir)
+            privateDir = path
+            configuration.listeners = [.unix(path: path + "/socket")]
         }
         defer { if let privateDir { rmdir(privateDir) } }
         LoggingSystem.bootstrap { label in
