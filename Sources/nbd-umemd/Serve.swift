@@ -218,11 +218,7 @@ struct Serve: ParsableCommand {
     }
 
     /// The sockets systemd passed (socket activation), nil when none.
-    var activated: [NBDListener]? {
-        guard let pid = getenv("LISTEN_PID").flatMap({ Int32(String(cString: $0)) }), pid == getpid(),
-              let n = getenv("LISTEN_FDS").flatMap({ Int32(String(cString: $0)) }), n > 0 else { return nil }
-        return (0 ..< n).map { .inherited(fd: 3 + $0) }
-    }
+    var activated: [NBDListener]? { SocketActivation.passedListeners }
 
     var listeners: [NBDListener] {
         if let activated { return activated }
