@@ -76,6 +76,11 @@ public final class TLSServer: NBDTLSContext {
         NIOSSLServerHandler(context: context)
     }
 
+    public func isCloseWithoutNotify(_ error: any Error) -> Bool {
+        if let e = error as? NIOSSLError, case .uncleanShutdown = e { return true }
+        return false
+    }
+
     public func describe(_ error: any Error) -> String? {
         guard error is NIOSSLError || error is BoringSSLError else { return nil }
         return Self.explain(error)

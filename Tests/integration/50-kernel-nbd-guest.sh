@@ -6,7 +6,11 @@
 #      the right contents) in the daemon's RAM export;
 #  (b) lazy mmap: a lazy export (--source nbdkit, --fetch-size 4K, --prefetch off) of a 64 MiB
 #      pattern image is /dev/nbd1; the guest mmaps it MAP_PRIVATE with MADV_RANDOM and checks pages
-#      7,1,6,2,0,5,3,4; the source's log must show exactly those 4 KiB pages pulled, in fault order.
+#      7,1,6,2,0,5,3,4; the source's log must show exactly those 4 KiB pages pulled, in fault order;
+#  (c) TLS: a file export under --tls require --tls-verify-peer (x509) is /dev/nbd2 through
+#      nbd-client's own TLS proxy (-cacertfile, -certfile, -keyfile; GnuTLS); nbd-client without
+#      them must be refused; the guest checks pages 9,0,5 of a pattern image and writes one page,
+#      which the host then finds in the file.
 # Needs root, qemu-system-x86, busybox-static, cpio, nbd-client (installed if missing) and the
 # Debian kernel image (downloaded once into .build/guest), see scripts/lib/guest.sh.
 #
@@ -33,6 +37,7 @@ PAGES=7,1,6,2,0,5,3,4
 MAX_PART=${KGUEST_MAX_PART:-0}   # nbd.ko max_part: 0 turns off partition scanning of /dev/nbdN
 
 guest_kit
+ensure_packages gnutls-bin   # certtool
 build_mmap_tool
 say "guest kernel $GUEST_KVER"
 
@@ -40,6 +45,9 @@ say "guest kernel $GUEST_KVER"
 SWAP_PORT=$(free_port)
 LAZY_PORT=$(free_port)
 while [ "$LAZY_PORT" = "$SWAP_PORT" ]; do LAZY_PORT=$(free_port); done
+TLS_PORT=$(free_port)
+while [ "$TLS_PORT" = "$SWAP_PORT" ] || [ "$TLS_PORT" = "$LAZY_PORT" ]; do TLS_PORT=$(free_port); done
+TLS_SEED=5
 
 start_server swap --memory 512M --port "$SWAP_PORT" --bind 127.0.0.1 --verbose
 
@@ -49,6 +57,13 @@ mark0=$(log_lines "$T/src.log")
 # shellcheck disable=SC2086   # KGUEST_LAZY_ARGS is a word list on purpose
 start_server lazy --source "$(uri src)" --store "$T/store" --fetch-size 4K --prefetch off \
     --port "$LAZY_PORT" --bind 127.0.0.1 --control "$T/lazy.ctl" ${KGUEST_LAZY_ARGS:-}
+
+make_pki "$T/pki"
+mkdir -p "$T/guest-pki"
+cp "$T/pki/ca-cert.pem" "$T/pki/client-cert.pem" "$T/pki/client-key.pem" "$T/guest-pki/"
+"$NBD_MMAP" fill "$T/tls.img" --size 16M --pattern "$TLS_SEED" >/dev/null || fail "nbd-mmap fill (tls.img) failed"
+start_server tls --file "$T/tls.img" --port "$TLS_PORT" --bind 127.0.0.1 \
+    --tls require --tls-certificates "$T/pki" --tls-verify-peer
 
 # --- the guest's /init ------------------------------------------------------------------------------
 cat >"$T/init" <<'INIT'
@@ -66,9 +81,11 @@ for w in $(cat /proc/cmdline); do
     umemd.seed=*) SEED=${w#*=} ;;
     umemd.pages=*) PAGES=${w#*=} ;;
     umemd.maxpart=*) MAX_PART=${w#*=} ;;
+    umemd.tls=*) TLS_PORT=${w#*=} ;;
+    umemd.tlsseed=*) TLS_SEED=${w#*=} ;;
     esac
 done
-[ -n "$SWAP_PORT" ] && [ -n "$LAZY_PORT" ] && [ -n "$ANON" ] && [ -n "$SEED" ] && [ -n "$PAGES" ] && [ -n "$MAX_PART" ] \
+[ -n "$SWAP_PORT" ] && [ -n "$LAZY_PORT" ] && [ -n "$TLS_PORT" ] && [ -n "$TLS_SEED" ] && [ -n "$ANON" ] && [ -n "$SEED" ] && [ -n "$PAGES" ] && [ -n "$MAX_PART" ] \
     || bye "missing umemd.* parameters in /proc/cmdline: $(cat /proc/cmdline)"
 
 for m in $(cat /lib/modules/order); do
@@ -113,18 +130,35 @@ nbd-client 10.0.2.2 "$LAZY_PORT" /dev/nbd1 -b 4096 || bye "nbd-client /dev/nbd1"
 say "nbd1 size $(blockdev --getsize64 /dev/nbd1)"
 nbd-mmap check /dev/nbd1 --pages "$PAGES" --expect-pattern "$SEED" --private
 nbd-client -d /dev/nbd1 >/dev/null 2>&1
+
+# (c) TLS through nbd-client's proxy: refused without credentials, then read and write with them
+if nbd-client 10.0.2.2 "$TLS_PORT" /dev/nbd2 -b 4096 >/tmp/plain.out 2>&1; then
+    say "tls-plain-attached"
+    nbd-client -d /dev/nbd2 >/dev/null 2>&1
+else
+    say "tls-plain-refused: $(tr "\n" " " </tmp/plain.out | tail -c 160)"
+fi
+nbd-client 10.0.2.2 "$TLS_PORT" /dev/nbd2 -b 4096 -cacertfile /pki/ca-cert.pem -certfile /pki/client-cert.pem \
+    -keyfile /pki/client-key.pem -tlshostname localhost || bye "nbd-client /dev/nbd2 over TLS"
+nbd-mmap check /dev/nbd2 --pages 9,0,5 --expect-pattern "$TLS_SEED" --private
+printf 'GUEST-TLS-WRITE' >/tmp/page
+dd if=/tmp/page of=/dev/nbd2 bs=4096 seek=256 conv=sync,notrunc 2>/dev/null || bye "dd to /dev/nbd2"
+sync
+blockdev --flushbufs /dev/nbd2
+nbd-client -d /dev/nbd2 >/dev/null 2>&1
+say "tls-done"
 echo "GUEST-DONE"
 poweroff -f
 INIT
 
-guest_initramfs "$T/initrd.gz" "$T/init"
+guest_initramfs "$T/initrd.gz" "$T/init" "tree:$T/guest-pki:/pki"
 say "initramfs ready ($(( $(stat -c %s "$T/initrd.gz") / 1024 )) KiB) after $(secs_since "$T0") s"
 
 # --- boot ------------------------------------------------------------------------------------------
 B0=$(date +%s%N)
 rc=0
 guest_boot "$T/initrd.gz" "$T/console.log" "$GUEST_MEM" \
-    "umemd.swap=$SWAP_PORT umemd.lazy=$LAZY_PORT umemd.anon=$ANON umemd.anonseed=$ANON_SEED umemd.seed=$EXPECT_SEED umemd.pages=$PAGES umemd.maxpart=$MAX_PART" \
+    "umemd.swap=$SWAP_PORT umemd.lazy=$LAZY_PORT umemd.anon=$ANON umemd.anonseed=$ANON_SEED umemd.seed=$EXPECT_SEED umemd.pages=$PAGES umemd.maxpart=$MAX_PART umemd.tls=$TLS_PORT umemd.tlsseed=$TLS_SEED" \
     100 || rc=$?
 say "guest ran $(secs_since "$B0") s, qemu exit status $rc"
 # The console without CRs and terminal escapes (SeaBIOS clears the screen).
@@ -139,6 +173,7 @@ fi
 grep -aqx 'GUEST-DONE' "$T/console.txt" || { tail -n 30 "$T/console.txt" >&2; fail "the guest did not get to GUEST-DONE"; }
 assert_alive swap
 assert_alive lazy
+assert_alive tls
 
 # --- (a) swap --------------------------------------------------------------------------------------
 grep -aq '^VERDICT anon ok' "$T/console.txt" \
@@ -238,6 +273,17 @@ if got != (8, 8, 8 * 4096):
     sys.exit("lazy daemon status: (demand_misses, pages.present, bytes_pulled) = %r, expected (8, 8, 32768)" % (got,))
 PY
 say "ok: the lazy export pulled exactly pages $PAGES from the source, one 4 KiB read each, in fault order"
+
+# --- (c) TLS -----------------------------------------------------------------------------------------
+grep -aq '^GUEST tls-plain-refused' "$T/console.txt" \
+    || fail "nbd-client without TLS credentials was not refused by --tls require: $(grep -a '^GUEST tls-plain' "$T/console.txt" || echo 'no line')"
+grep -aq "^VERDICT check ok pages=3 MAP_PRIVATE" "$T/console.txt" \
+    || fail "no 'VERDICT check ok pages=3' for /dev/nbd2 over TLS: $(grep -a '^VERDICT check' "$T/console.txt" | tail -n 1)"
+grep -aq '^GUEST tls-done' "$T/console.txt" || fail "the guest did not finish the TLS part"
+got=$(dd if="$T/tls.img" bs=4096 skip=256 count=1 2>/dev/null | head -c 15)
+[ "$got" = "GUEST-TLS-WRITE" ] || fail "the guest's write over TLS is not in the file at 1 MiB (found '$got')"
+grep -q "TLS handshake with .* failed\|TLS error" "$T/tls.log" && fail "the TLS server logged a failure: $(grep 'TLS' "$T/tls.log" | tail -n 3)"
+say "ok: the kernel client through nbd-client's TLS proxy (x509, client certificate checked) read 3 pattern pages and wrote one; without credentials it was refused"
 
 say "elapsed $(secs_since "$T0") s"
 pass

@@ -15,6 +15,11 @@ final class ReplyWriter {
     var structured = false
     /// Something was written since the last flush.
     private var needsFlush = false
+    /// Replies go through TLS, which encrypts everything a flush hands it before any of it reaches
+    /// the socket: a reply longer than this is flushed piece by piece, so that the client decrypts
+    /// one piece while the next is encrypted.
+    private var tlsPiece: Int? = nil
+    static let tlsPieceSize = 128 * 1024
 
     init(context: ChannelHandlerContext, direct: DirectReplyWriter?) {
         self.context = context
@@ -24,6 +29,15 @@ final class ReplyWriter {
     var allocator: ByteBufferAllocator { context.channel.allocator }
 
     func send(_ bytes: ByteBuffer) {
+        if let piece = tlsPiece, bytes.readableBytes > piece {
+            var rest = bytes
+            while rest.readableBytes > 0, let slice = rest.readSlice(length: min(piece, rest.readableBytes)) {
+                context.write(NIOAny(slice), promise: nil)
+                if rest.readableBytes > 0 { context.flush() }
+            }
+            needsFlush = true
+            return
+        }
         if let direct {
             // Count the write until NIO has completed it: no direct write may happen meanwhile.
             direct.willWrite()
@@ -56,10 +70,11 @@ final class ReplyWriter {
         return header
     }
 
-    /// From now on every reply goes through the pipeline (NBD_OPT_STARTTLS).
-    func stopDirectWrites() {
+    /// From now on every reply goes through the pipeline and its TLS handler (NBD_OPT_STARTTLS).
+    func startTLS() {
         direct?.close()
         direct = nil
+        tlsPiece = Self.tlsPieceSize
     }
 
     func flushIfNeeded() {

@@ -41,4 +41,7 @@ public protocol NBDTLSContext: Sendable {
     func makeServerHandler() -> any ChannelHandler
     /// A TLS error in words for the log; nil when `error` is not a TLS error.
     func describe(_ error: any Error) -> String?
+    /// `error` says only that the peer closed the socket without TLS's close_notify, which most NBD
+    /// clients do after NBD_CMD_DISC (NBD's own framing shows a cut reply to the client).
+    func isCloseWithoutNotify(_ error: any Error) -> Bool
 }
