@@ -314,8 +314,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
                     // Encrypted replies are written in bursts of whole replies: with the default
                     // 208 KiB send buffer the encrypting thread waits for the reader at every burst
                     // (1 MiB reads at QD8: 780 MiB/s; with 4 MiB, 1,330). TCP tunes its own buffer.
-                    // The kernel caps the value at net.core.wmem_max.
-                    try context.channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: Self.tlsUnixSendBuffer)
+                    // The kernel caps the value at net.core.wmem_max; a refusal only costs speed.
+                    try? context.channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: Self.tlsUnixSendBuffer)
                 }
             } catch {
                 logger.error("cannot start TLS: \(error)")
