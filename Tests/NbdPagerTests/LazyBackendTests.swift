@@ -97,6 +97,23 @@ final class LazyBackendTests: LazyTestCase {
         XCTAssertLessThanOrEqual(p50, 3400)
     }
 
+    func testADirectlyAnsweredMissIsTimedAtTheDatasArrival() throws {
+        // What follows the arrival (the reply's write, the inline store write, the hop to the loop)
+        // is not the client's wait for the source: 3 ms to the arrival, 5 ms more in the hook.
+        let (backend, source) = try makeBackend(pages: 4, callsOnArrival: true)
+        source.hold()
+        let pending = try XCTUnwrap(backend.pendingRead(offset: 0, length: 4096, eventLoop: loop) { [loop] _ in
+            loop.advanceTime(by: .milliseconds(5))
+        })
+        loop.advanceTime(by: .milliseconds(3))
+        source.release()
+        _ = try result(pending, on: loop)
+        let p50 = try XCTUnwrap(backend.status().missLatencyP50Microseconds)
+        XCTAssertGreaterThanOrEqual(p50, 2700)
+        XCTAssertLessThanOrEqual(p50, 3400, "timed at the arrival, not when the read's future completed")
+        XCTAssertEqual(backend.status().demandMisses, 1)
+    }
+
     func testGateHoldsEveryPullUntilOpened() throws {
         let (backend, source) = try makeBackend(pages: 16, gated: true)
         XCTAssertTrue(backend.isGated)

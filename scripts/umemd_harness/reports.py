@@ -300,9 +300,9 @@ def prefetch(miss, local, nonzero, rate_bits, env, extra_env, markdown):
 
 
 # ---- migrate ---------------------------------------------------------------------------------------
-MIG_MODES = ["precopy", "postcopy", "file", "swap"]
+MIG_MODES = ["precopy", "postcopy", "file", "swap", "file-tls", "swap-tls"]
 MIG_LABELS = {"precopy": "QEMU precopy", "postcopy": "QEMU postcopy-ram", "file": "nbd-umemd file",
-              "swap": "nbd-umemd swap"}
+              "swap": "nbd-umemd swap", "file-tls": "nbd-umemd file, TLS", "swap-tls": "nbd-umemd swap, TLS"}
 MIG_ROWS = [
     ("downtime (QMP), ms", "downtime_ms"),
     ("guest downtime (STOP to RESUME, QEMU's stamps), ms", "guest_downtime_ms"),
@@ -471,6 +471,18 @@ def migrate(runs, env, params, args, markdown, plot):
                          % _mig_fmt(mmed("swap", "staging_ms")), not missing, len(missing)))
         errors = sum(r.get("data_errors") or 0 for r in runs["swap"])
         criteria.append(("nbd-umemd swap: no data errors in any round", errors == 0, errors))
+    for m in ("file-tls", "swap-tls"):
+        if m not in modes:
+            continue
+        base = m[:-len("-tls")]
+        if base in modes:
+            t, p = mmed(m, "all_ram_local_ms"), mmed(base, "all_ram_local_ms")
+            ratio = t / p if t is not None and p else float("inf")
+            criteria.append(("%s: time to all RAM local within 5 %% of the plain link's: %s/%s <= 1.05" % (MIG_LABELS[m], m, base),
+                             ratio <= 1.05, ratio))
+        errors = sum(r.get("data_errors") or 0 for r in runs[m])
+        failed = sum(1 for r in runs[m] if r.get("status") != "completed")
+        criteria.append(("%s: no data errors and no failed run" % MIG_LABELS[m], errors == 0 and failed == 0, errors + failed))
     if ("file" in modes or "swap" in modes) and "postcopy" in modes and not done["postcopy"]:
         criteria.append(("QEMU postcopy-ram completed at least once (nothing to compare with)", False, 0))
     ok = print_criteria(criteria, markdown, fmt=lambda r: "%.3f" % r if isinstance(r, float) else r)
@@ -492,7 +504,8 @@ def draw_rates(done, mmed, path, params):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit("bench-migrate-report: matplotlib is missing (%s): install python3-matplotlib" % e)
-    colors = {"precopy": "tab:gray", "postcopy": "tab:orange", "file": "tab:blue", "swap": "tab:green"}
+    colors = {"precopy": "tab:gray", "postcopy": "tab:orange", "file": "tab:blue", "swap": "tab:green",
+              "file-tls": "tab:cyan", "swap-tls": "tab:olive"}
     fig, axes = plt.subplots(2, 1, figsize=(10, 7.5))
     for ax, (lo, hi), log in [(axes[0], (-3, None), False), (axes[1], (-1, 15), True)]:
         for m in MIG_MODES:

@@ -501,7 +501,7 @@ def run_migrate(b):
             r = json.loads(report[0])
             runs[mode].append(r)
             extra = ""
-            if mode == "swap":
+            if mode in ("swap", "swap-tls"):
                 extra = (", staging %s ms, late pages %s, swapoff %s ms, independent after %s ms, %s left"
                          % (r.get("staging_ms"), r.get("late_pages"), r.get("swapoff_ms"), r.get("independent_ms"),
                             r.get("leftovers_after_independent")))

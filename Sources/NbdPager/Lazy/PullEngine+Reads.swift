@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 #if canImport(Glibc)
 import Glibc
@@ -23,15 +24,28 @@ extension PullEngine {
         let miss = Self.isMiss(claimed)
         if miss { demandStarted(pages) }
         let started = eventLoop.now
+        // A miss answered by `early` is timed when the source's data arrives, on the receiving thread,
+        // right before its reply is written: the future completes only after the pull's inline store
+        // write and a hop to the loop, which the client does not wait for.
+        let timed = ManagedAtomic(false)
+        var hook = early
+        if miss, let early {
+            hook = { [self] data in
+                if !timed.exchange(true, ordering: .relaxed) { recordMissLatency(since: started, on: eventLoop) }
+                early(data)
+            }
+        }
         let result: EventLoopFuture<ByteBuffer>
         if covering.count == 1, let pull = covering.first {
-            result = single(pull, offset: offset, length: length, eventLoop: eventLoop, early: early)
+            result = single(pull, offset: offset, length: length, eventLoop: eventLoop, early: hook)
         } else {
             result = assembled(covering, offset: offset, length: length, eventLoop: eventLoop)
         }
         if miss {
             result.whenComplete { outcome in
-                if case .success = outcome { self.recordMissLatency(since: started, on: eventLoop) }
+                if case .success = outcome, !timed.exchange(true, ordering: .relaxed) {
+                    self.recordMissLatency(since: started, on: eventLoop)
+                }
                 self.demandFinished()
             }
         }
