@@ -53,8 +53,9 @@ the acceptance checks, and a PNG of the guest's rate over time.
 TLS suite: nbd-umemd --tls require against nbdkit --tls=require on the same x509 certificates (TLS 1.3
 on both; fio over nbds+unix with the test CA in /etc/pki/libnbd, libnbd's default directory, created
 and removed by the suite): 4K random read QD1 (p50) and QD16, 1M sequential read QD8; the cost of
-scraping --metrics once a second (4K random read QD16, scraped and not); the demand-miss p50 of a lazy
-export through a TLS source link against a plain one. The migration over TLS: --suite migrate
+scraping --metrics once a second (4K random read QD16, scraped and not; the server's CPU per scrape
+against its CPU under that load, the criterion); the demand-miss p50 of a lazy export through a TLS
+source link against a plain one. The migration over TLS: --suite migrate
 --mig-modes swap,swap-tls (or file,file-tls).
 
 Options:
@@ -70,8 +71,8 @@ Options:
   --mig-keep S    migrate suite: seconds the guest runs on after the source is gone (swap mode: after
                   the destination daemon is gone too) (default 30: the acceptance checks look at the
                   30 s after completion)
-  --mig-modes L   migrate suite: the contenders, comma-separated, from precopy, postcopy, file, swap
-                  (default all four; umemd = file)
+  --mig-modes L   migrate suite: the contenders, comma-separated, from precopy, postcopy, file, swap,
+                  file-tls, swap-tls (-tls: migrate-vm --tls) (default the first four; umemd = file)
   --plot FILE     migrate suite: where to draw the rate plot (default docs/migration-rate.png)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
   --check         exit 1 if an acceptance criterion is not met (default: only report it)
