@@ -138,7 +138,7 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Threads for blocking storage I/O.", valueName: "n"))
     var threads: Int = 16
 
-    @Option(name: .long, help: ArgumentHelp("After each request, keep polling the connection this many microseconds before sleeping (lower latency for page faults and QD1 readers, at the cost of CPU while a client is active); 0 disables. TLS connections never poll.", valueName: "us"))
+    @Option(name: .long, help: ArgumentHelp("After a lone small request, keep polling the connection up to this many microseconds before sleeping, while the connection measures that polling shortens its client's request cycle (it re-measures every 4096 cycles); 0 disables. TLS connections never poll.", valueName: "us"))
     var pollUs: Int = 30
 
     @Option(name: .long, help: ArgumentHelp("Open a control socket here (`nbd-umemd status --control PATH`).", valueName: "path"))

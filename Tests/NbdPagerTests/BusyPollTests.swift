@@ -43,4 +43,99 @@ final class BusyPollTests: XCTestCase {
             XCTAssertEqual(p.readComplete(inFlight: 0, now: t0), window > .zero, what)
         }
     }
+
+    /// One lone 4 KiB request at `t`; the poll it starts (if any) runs out its window before the next.
+    private func lone(_ p: inout BusyPoll, at t: NIODeadline) -> Bool {
+        p.requestParsed(length: 4096)
+        let started = p.readComplete(inFlight: 0, now: t)
+        _ = p.tick(closing: false, now: t + p.window)
+        return started
+    }
+
+    /// Runs `count` cycles of `cycle` from `start`; returns the end time and how many polls started.
+    private func cycles(_ p: inout BusyPoll, from start: NIODeadline, count: Int, cycle: TimeAmount) -> (NIODeadline, Int) {
+        var t = start, polls = 0
+        for _ in 0..<count {
+            t = t + cycle
+            if lone(&p, at: t) { polls += 1 }
+        }
+        return (t, polls)
+    }
+
+    func testPollingStopsWhenItDoesNotShortenTheClientsCycle() {
+        // A swap-in through nbdfuse and a loop device: one request every 120 us whether or not the
+        // server spins; the spinning only takes a CPU.
+        var p = BusyPoll(window: .microseconds(30))
+        XCTAssertTrue(lone(&p, at: t0), "a new connection polls")
+        var (t, polls) = cycles(&p, from: t0, count: BusyPoll.probeCycles, cycle: .microseconds(120))
+        XCTAssertEqual(polls, BusyPoll.probeCycles - 1, "polls after each request while measuring with it on")
+        XCTAssertEqual(p.phase, .measuring(polling: false))
+        (t, polls) = cycles(&p, from: t, count: BusyPoll.probeCycles, cycle: .microseconds(118))
+        XCTAssertEqual(p.phase, .holding(polling: false, cycles: 0))
+        XCTAssertEqual(p.lastMedians?.on, 120_000)
+        XCTAssertEqual(p.lastMedians?.off, 118_000)
+        (t, polls) = cycles(&p, from: t, count: 100, cycle: .microseconds(120))
+        XCTAssertEqual(polls, 0, "no poll once it does not pay")
+        XCTAssertEqual(p.phase, .holding(polling: false, cycles: 100))
+        XCTAssertFalse(p.polling)
+        _ = t
+    }
+
+    func testPollingIsKeptWhenItShortensTheCycleAndARunningPollStopsOnAVerdictAgainstIt() {
+        var p = BusyPoll(window: .microseconds(30))
+        var (t, _) = cycles(&p, from: t0, count: BusyPoll.probeCycles + 1, cycle: .microseconds(20))
+        (t, _) = cycles(&p, from: t, count: BusyPoll.probeCycles, cycle: .microseconds(40))
+        XCTAssertEqual(p.phase, .holding(polling: true, cycles: 0), "20 against 40 us")
+        var polls = 0
+        (t, polls) = cycles(&p, from: t, count: 10, cycle: .microseconds(20))
+        XCTAssertEqual(polls, 10)
+
+        // A gain under the required 5 % is not worth a CPU.
+        var q = BusyPoll(window: .microseconds(30))
+        var u: NIODeadline
+        (u, _) = cycles(&q, from: t0, count: BusyPoll.probeCycles + 1, cycle: .microseconds(97))
+        // A poll is running when the measurement with polling off begins: it stops at its next tick.
+        q.requestParsed(length: 4096)
+        u = u + .microseconds(100)
+        XCTAssertFalse(q.readComplete(inFlight: 0, now: u))
+        XCTAssertEqual(q.phase, .measuring(polling: false))
+        (u, _) = cycles(&q, from: u, count: BusyPoll.probeCycles - 1, cycle: .microseconds(100))
+        XCTAssertEqual(q.phase, .holding(polling: false, cycles: 0), "97 against 100 us")
+        q.requestParsed(length: 4096)
+        XCTAssertFalse(q.readComplete(inFlight: 0, now: u + .microseconds(100)))
+        _ = t
+    }
+
+    func testTheVerdictIsMeasuredAgainAfterItsHold() {
+        var p = BusyPoll(window: .microseconds(30))
+        var (t, _) = cycles(&p, from: t0, count: 2 * BusyPoll.probeCycles + 1, cycle: .microseconds(120))
+        XCTAssertEqual(p.phase, .holding(polling: false, cycles: 0))
+        var polls = 0
+        (t, polls) = cycles(&p, from: t, count: BusyPoll.holdCycles - 1, cycle: .microseconds(120))
+        XCTAssertEqual(polls, 0)
+        XCTAssertEqual(p.phase, .holding(polling: false, cycles: BusyPoll.holdCycles - 1))
+        XCTAssertTrue(lone(&p, at: t + .microseconds(120)), "the hold is over: measuring again, polling on first")
+        XCTAssertEqual(p.phase, .measuring(polling: true))
+    }
+
+    func testIdleGapsAndDeepQueuesAreNotCycles() {
+        var p = BusyPoll(window: .microseconds(30))
+        var t = t0
+        _ = lone(&p, at: t)
+        for i in 0..<(2 * BusyPoll.probeCycles) {
+            // Every other gap is idleness (over 1 ms), and every third lone request follows a deep queue.
+            t = t + (i % 2 == 0 ? .milliseconds(2) : .microseconds(50))
+            if i % 3 == 0 {
+                p.requestParsed(length: 4096)
+                p.requestParsed(length: 4096)
+                XCTAssertFalse(p.readComplete(inFlight: 0, now: t))
+                t = t + .microseconds(10)
+            }
+            _ = lone(&p, at: t)
+        }
+        // Only the 50 us gaps not after a deep queue count: 64 of the 128 gaps are 50 us, 21 of those
+        // follow a deep queue; the measurement with polling on needs 64.
+        XCTAssertEqual(p.phase, .measuring(polling: true))
+        XCTAssertNil(p.lastMedians)
+    }
 }

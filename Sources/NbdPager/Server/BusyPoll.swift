@@ -4,24 +4,63 @@ import NIOCore
 /// connection's lifecycle: it only trades CPU for wake-up latency).
 ///
 /// After a read burst that brought exactly one small request, answered with nothing else in flight
-/// (a page fault, a QD1 reader), the loop keeps polling (epoll_wait with a zero timeout, via re-queued
-/// tasks) for `window`, so the client's next request is picked up without the thread being woken
-/// again. Deep queues and bulk transfers keep the CPU for the client instead. Polling stops by itself
-/// once the connection has been quiet for the window. Pure bookkeeping; the handler runs the ticks.
+/// (a page fault, a QD1 reader), the loop can keep polling (epoll_wait with a zero timeout, via
+/// re-queued tasks) for `window`, so the client's next request is picked up without the thread being
+/// woken again. Deep queues and bulk transfers keep the CPU for the client instead. Polling stops by
+/// itself once the connection has been quiet for the window.
+///
+/// Polling only pays when the client's next request comes soon and a CPU is free to spin on: through
+/// nbdfuse and a loop device a swap-in comes every 120 µs or so and the spinning takes a CPU the kernel
+/// and FUSE need; on two CPUs even a fast QD1 client can lose by it. So the connection measures: it
+/// times the cycle of a latency-bound client (one lone small request to the next) over `probeCycles`
+/// cycles with polling on, then as many with it off, and keeps polling only if the median cycle with
+/// it is at least `requiredGain` shorter. The verdict holds for `holdCycles` cycles, then both are
+/// measured again, so a change of client or load is followed. Pure bookkeeping; the handler runs the
+/// ticks.
 struct BusyPoll {
     /// Requests up to this length count as small (a page, not a bulk copy).
     static let requestLimit: UInt32 = 64 * 1024
+    /// Cycles timed with polling on, then with it off, before a verdict.
+    static let probeCycles = 64
+    /// Cycles a verdict holds before the next measurement.
+    static let holdCycles = 4096
+    /// Polling is kept when the median cycle with it is at least this much shorter.
+    static let requiredGain = 0.05
+    /// A longer gap between lone requests is idleness, not a client waiting on replies: not a cycle.
+    static let maxCycle: TimeAmount = .milliseconds(1)
+
+    enum Phase: Equatable {
+        /// Timing cycles with polling on (`true`) or off.
+        case measuring(polling: Bool)
+        /// A verdict, and the cycles it has held.
+        case holding(polling: Bool, cycles: Int)
+    }
 
     /// Zero disables polling.
     let window: TimeAmount
+    /// Whether a poll loop is running.
     private(set) var polling = false
+    private(set) var phase = Phase.measuring(polling: true)
+    /// The median cycle of the last measurement with polling on, then off (nanoseconds).
+    private(set) var lastMedians: (on: Int64, off: Int64)?
     private var lastRequestAt = NIODeadline.distantPast
+    /// When the previous lone small request arrived (distant past: the chain was broken).
+    private var lastLoneAt = NIODeadline.distantPast
+    private var cycles: [Int64] = []
+    private var medianOn: Int64 = 0
     /// Requests started since the last read burst completed, and whether each was small.
     private var batchRequests = 0
     private var batchAllSmall = true
 
     init(window: TimeAmount) {
         self.window = window
+    }
+
+    /// Whether the current phase polls after a lone small request.
+    var pollsNow: Bool {
+        switch phase {
+        case .measuring(let on), .holding(let on, _): return on
+        }
     }
 
     mutating func requestParsed(length: UInt32) {
@@ -35,20 +74,51 @@ struct BusyPoll {
             batchRequests = 0
             batchAllSmall = true
         }
-        guard window > .zero && batchRequests == 1 && batchAllSmall && inFlight == 0 else { return false }
-        lastRequestAt = now()
+        guard window > .zero, batchRequests > 0 else { return false }
+        guard batchRequests == 1 && batchAllSmall && inFlight == 0 else {
+            lastLoneAt = .distantPast  // a deep queue or a bulk request: not a latency-bound cycle
+            return false
+        }
+        let t = now()
+        if lastLoneAt != .distantPast, t - lastLoneAt <= Self.maxCycle { record(cycle: t - lastLoneAt) }
+        lastLoneAt = t
+        guard pollsNow else { return false }
+        lastRequestAt = t
         guard !polling else { return false }
         polling = true
         return true
     }
 
-    /// One poll tick: whether to keep polling. Stops (and records it) once the window has passed or the
-    /// connection is closing.
+    /// One poll tick: whether to keep polling. Stops (and records it) once the window has passed, the
+    /// connection is closing or polling no longer pays.
     mutating func tick(closing: Bool, now: NIODeadline) -> Bool {
-        guard !closing, now - lastRequestAt < window else {
+        guard !closing, pollsNow, now - lastRequestAt < window else {
             polling = false
             return false
         }
         return true
+    }
+
+    /// A cycle that ended now counts for the phase that decided whether to poll at its start.
+    private mutating func record(cycle: TimeAmount) {
+        switch phase {
+        case .holding(let on, let held):
+            phase = held + 1 >= Self.holdCycles ? .measuring(polling: true) : .holding(polling: on, cycles: held + 1)
+        case .measuring(let on):
+            if cycles.capacity < Self.probeCycles { cycles.reserveCapacity(Self.probeCycles) }
+            cycles.append(cycle.nanoseconds)
+            guard cycles.count >= Self.probeCycles else { return }
+            cycles.sort()
+            let median = cycles[cycles.count / 2]
+            cycles.removeAll(keepingCapacity: true)
+            if on {
+                medianOn = median
+                phase = .measuring(polling: false)
+            } else {
+                lastMedians = (medianOn, median)
+                let pays = Double(medianOn) <= Double(median) * (1 - Self.requiredGain)
+                phase = .holding(polling: pays, cycles: 0)
+            }
+        }
     }
 }
