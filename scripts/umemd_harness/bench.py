@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import suites
+from . import suites, swapbench
 from .common import ROOT, build_release, die, ensure_packages, log, run_main, set_prog, umemd_binary
 
 USAGE = """\
@@ -58,9 +58,19 @@ against its CPU under that load, the criterion); the demand-miss p50 of a lazy e
 source link against a plain one. The migration over TLS: --suite migrate
 --mig-modes swap,swap-tls (or file,file-tls).
 
+Swap suite: remote memory as swap. nbd-umemd (serve --memory --swap), nbdkit --swap memory and
+nbd-server (a file in /dev/shm) as the swap device through the same kernel path (scripts/swap-on:
+nbdfuse + losetup --direct-io=on here), each started afresh per run, the order rotating by round; a
+workload in a memory cgroup of a quarter of its working set: fill, sequential verify, random verify
+(swap-in latency, idle), mixed reads/writes, a swap-out pass with a reader timing its swap-ins; then
+swapoff of the device holding the workload's pages. Per phase the time, pswpin/pswpout, µs per
+swap-in; server CPU per swap-in; at vm.page-cluster 0 and 3. Beside it the latency floor: 4 KiB
+O_DIRECT reads at QD1 on the loop device (fio psync) of each server and of nbdkit null. Restores
+page-cluster, removes its cgroups, devices and swap on every exit; refuses to run with swap on.
+
 Options:
-  --suite S       core, lazy, prefetch, migrate, tls or all (default all, env BENCH_SUITE; all = the
-                  first four)
+  --suite S       core, lazy, prefetch, migrate, tls, swap or all (default all, env BENCH_SUITE;
+                  all = the first four)
   --rounds N      rounds per workload and server          (default 5, env BENCH_ROUNDS)
   --runtime S     measured seconds per fio run            (default 5, env BENCH_RUNTIME)
   --ramp S        unmeasured warm-up seconds per fio run  (default 1, env BENCH_RAMP)
@@ -74,6 +84,7 @@ Options:
   --mig-modes L   migrate suite: the contenders, comma-separated, from precopy, postcopy, file, swap,
                   file-tls, swap-tls (-tls: migrate-vm --tls) (default the first four; umemd = file)
   --plot FILE     migrate suite: where to draw the rate plot (default docs/migration-rate.png)
+  --swap-ws MIB   swap suite: the workload's working set    (default 256; the cgroup gets a quarter)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
   --check         exit 1 if an acceptance criterion is not met (default: only report it)
   --no-build      do not install packages or build; use $NBD_UMEMD or .build/release/nbd-umemd
@@ -100,6 +111,7 @@ class Options:
         self.mig_rounds = env("BENCH_MIG_ROUNDS", "3")
         self.mig_mem, self.mig_link, self.mig_keep, self.plot = "192", "200mbit", "30", ""
         self.mig_modes = "precopy,postcopy,file,swap"
+        self.swap_ws, self.swap_remote = "256", ""
 
 
 # option -> (attribute, what it needs, accepts --opt=VALUE)
@@ -109,7 +121,7 @@ VALUED = {
     "--mig-rounds": ("mig_rounds", "a value", False), "--mig-mem": ("mig_mem", "a value", False),
     "--mig-link": ("mig_link", "a value", False), "--mig-keep": ("mig_keep", "a value", False),
     "--mig-modes": ("mig_modes", "a list", False),
-    "--plot": ("plot", "a file", False),
+    "--plot": ("plot", "a file", False), "--swap-ws": ("swap_ws", "a value", False),
 }
 FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
 
@@ -155,9 +167,10 @@ def parse(argv):
         die("--size must be a multiple of 1M")
     if not o.suite:
         o.suite = "core" if o.aa else "all"
-    if o.suite not in ("core", "lazy", "prefetch", "migrate", "tls", "all"):
-        die("--suite must be core, lazy, prefetch, migrate, tls or all, got '%s'" % o.suite)
-    check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds")])
+    if o.suite not in ("core", "lazy", "prefetch", "migrate", "tls", "swap", "all"):
+        die("--suite must be core, lazy, prefetch, migrate, tls, swap or all, got '%s'" % o.suite)
+    check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds"),
+                     ("swap_ws", 64, 8192, " MiB")])
     if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):
         die("--mig-link wants a tc rate such as 200mbit, got '%s'" % o.mig_link)
     modes = [{"umemd": "file"}.get(m, m) for m in o.mig_modes.split(",") if m]
@@ -168,7 +181,7 @@ def parse(argv):
     o.plot = o.plot or os.path.join(ROOT, "docs", "migration-rate.png")
     if o.aa and o.suite != "core":
         die("--aa only applies to the core suite (use --suite core)")
-    for k in ("rounds", "runtime", "ramp", "mig_rounds", "mig_mem", "mig_keep"):
+    for k in ("rounds", "runtime", "ramp", "mig_rounds", "mig_mem", "mig_keep", "swap_ws"):
         setattr(o, k, int(getattr(o, k)))
     return o
 
@@ -181,6 +194,8 @@ def setup(o, run):
             ensure_packages("python3-matplotlib", "iproute2", "fuse3")
         if "tls" in run:
             ensure_packages("gnutls-bin", "curl")
+        if "swap" in run:
+            ensure_packages("nbd-server", "fuse3", "gcc", "libc6-dev", "util-linux", "iproute2")
     umemd = None
     if not o.aa:
         if o.build:
@@ -231,7 +246,7 @@ def main(argv):
             if i:
                 print()
                 sys.stdout.flush()
-            met = getattr(suites, "run_" + name)(b) and met
+            met = (swapbench.run_swap(b) if name == "swap" else getattr(suites, "run_" + name)(b)) and met
             sys.stdout.flush()
         return 1 if o.check and not met else 0
     finally:
