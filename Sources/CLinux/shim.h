@@ -96,6 +96,7 @@ enum {
     UMEMD_MCL_FUTURE = 2,
     UMEMD_M_TRIM_THRESHOLD = -1,
     UMEMD_M_MMAP_THRESHOLD = -3,
+    UMEMD_M_ARENA_MAX = -8,
 };
 #include <pthread.h>
 extern int pthread_setattr_default_np(const pthread_attr_t *attr);
