@@ -3,6 +3,22 @@ import XCTest
 @testable import NbdPager
 
 final class SwapSafetyTests: XCTestCase {
+    func testResidentMemoryReadsAndWritesItsMappingWhichIsTheMemfd() throws {
+        let size: UInt64 = 1 << 20
+        let b = try FileBackend.residentMemory(size: size)
+        let data = Wire.pattern(8192, seed: 3)
+        XCTAssertEqual(try data.withUnsafeBytes { try b.write(from: $0, offset: size - 8192, fua: true, nonBlocking: true) }, 8192)
+        var viaFd = [UInt8](repeating: 0, count: 8192)
+        XCTAssertEqual(viaFd.withUnsafeMutableBytes { pread(b.fd, $0.baseAddress, 8192, off_t(size - 8192)) }, 8192)
+        XCTAssertEqual(viaFd, data, "a write through the mapping is in the memfd")
+        var out = [UInt8](repeating: 0, count: 4097)
+        XCTAssertThrowsError(try out.withUnsafeMutableBytes { try b.read(into: $0, offset: size - 4096, nonBlocking: true) },
+                             "a range past the end is refused, not copied")
+        try b.close()
+        XCTAssertThrowsError(try out.withUnsafeMutableBytes { try b.read(into: $0, offset: 0, nonBlocking: true) },
+                             "the mapping is gone after close")
+    }
+
     func testResidentMemoryIsLockedAndKeepsItsPagesThroughTrim() throws {
         let size: UInt64 = 8 << 20
         let before = SwapSafety.lockedBytes() ?? 0
