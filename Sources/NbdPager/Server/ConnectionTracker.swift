@@ -7,6 +7,8 @@ struct ShutdownEvent: Sendable {}
 /// The open connections of a server, so that shutdown can drain them.
 final class ConnectionTracker: Sendable {
     private let state = NIOLockedValueBox<(channels: [ObjectIdentifier: any Channel], shuttingDown: Bool)>(([:], false))
+    /// Open connections per event loop.
+    private let perLoop = NIOLockedValueBox<[ObjectIdentifier: Int]>([:])
     private let refusedCount = NIOLockedValueBox(0)
 
     enum Admission: Equatable { case added, shuttingDown, full(open: Int) }
@@ -17,8 +19,14 @@ final class ConnectionTracker: Sendable {
             guard !s.shuttingDown else { return .shuttingDown }
             guard s.channels.count < limit else { return .full(open: s.channels.count) }
             s.channels[ObjectIdentifier(channel)] = channel
+            perLoop.withLockedValue { $0[ObjectIdentifier(channel.eventLoop), default: 0] += 1 }
             return .added
         }
+    }
+
+    /// Open connections served by `loop`.
+    func count(on loop: any EventLoop) -> Int {
+        perLoop.withLockedValue { $0[ObjectIdentifier(loop)] ?? 0 }
     }
 
     /// Counts a connection refused by the policy (address, connection limit).
@@ -28,7 +36,14 @@ final class ConnectionTracker: Sendable {
     var refusals: Int { refusedCount.withLockedValue { $0 } }
 
     func remove(_ channel: any Channel) {
-        _ = state.withLockedValue { $0.channels.removeValue(forKey: ObjectIdentifier(channel)) }
+        state.withLockedValue { s in
+            guard s.channels.removeValue(forKey: ObjectIdentifier(channel)) != nil else { return }
+            perLoop.withLockedValue { counts in
+                let key = ObjectIdentifier(channel.eventLoop)
+                let left = (counts[key] ?? 1) - 1
+                counts[key] = left > 0 ? left : nil
+            }
+        }
     }
 
     /// Open connections (status reporting, tests).

@@ -82,8 +82,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
             context.close(promise: nil)
             return
         }
-        // A lazy export's replies may be written from a source thread: count every NIO write from the start.
-        let direct = exports.values.contains(where: { $0.backend.capabilities.pendingReads })
+        // A lazy export's replies may be written from a source thread, and those of storage that blocks
+        // from a pool thread: count every NIO write from the start.
+        let direct = exports.values.contains(where: { $0.backend.capabilities.pendingReads || !$0.backend.capabilities.inlineSafe })
             ? DirectReplyWriter(context: context) : nil
         let writer = ReplyWriter(context: context, direct: direct)
         self.writer = writer
@@ -189,6 +190,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     }
 
     var isClosing: Bool { lifecycle.isClosing }
+
+    var mayBlockEventLoop: Bool {
+        guard lifecycle.inFlight == 0, (cumulation?.readableBytes ?? 0) == 0, let loop = writer?.context.eventLoop else {
+            return false
+        }
+        return tracker.count(on: loop) == 1
+    }
 
     // MARK: lifecycle actions
 
