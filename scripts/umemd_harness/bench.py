@@ -68,9 +68,19 @@ swap-in; server CPU per swap-in; at vm.page-cluster 0 and 3. Beside it the laten
 O_DIRECT reads at QD1 on the loop device (fio psync) of each server and of nbdkit null. Restores
 page-cluster, removes its cgroups, devices and swap on every exit; refuses to run with swap on.
 
+Sync suite: small synchronous writes on a file export: nbd-umemd --file F against nbdkit file F, F a
+written 256 MiB file on the root file system; 4 KiB WRITE+FUA and WRITE then FLUSH at QD1 and QD8
+(libnbd from Python), both servers started once, the order alternating; ops/s and mean latency.
+
+Hang suite: the remote swap hang harness (Tests/integration/66-swap-hang-guest.sh, which scripts/test
+runs 3 times) for --hang-runs boots: a TCG guest with 256 MiB, hung_task_panic=1 and panic=-1 swaps
+over TCP with the real nbd-client -swap to this host's nbd-umemd while a memory eater with no cgroup
+writes, verifies and frees RAM + 100 MiB, then swapoff with the owner of the swapped pages stopped;
+hangs, panics and data errors counted.
+
 Options:
-  --suite S       core, lazy, prefetch, migrate, tls, swap or all (default all, env BENCH_SUITE;
-                  all = the first four)
+  --suite S       core, lazy, prefetch, migrate, tls, swap, sync, hang or all (default all, env
+                  BENCH_SUITE; all = the first four)
   --rounds N      rounds per workload and server          (default 5, env BENCH_ROUNDS)
   --runtime S     measured seconds per fio run            (default 5, env BENCH_RUNTIME)
   --ramp S        unmeasured warm-up seconds per fio run  (default 1, env BENCH_RAMP)
@@ -85,6 +95,11 @@ Options:
                   file-tls, swap-tls (-tls: migrate-vm --tls) (default the first four; umemd = file)
   --plot FILE     migrate suite: where to draw the rate plot (default docs/migration-rate.png)
   --swap-ws MIB   swap suite: the workload's working set    (default 256; the cgroup gets a quarter)
+  --swap-remote RATE  swap suite, remote path: the servers in a network namespace behind a veth pair
+                  shaped with tc tbf at RATE (e.g. 1gbit), attached over TCP through an nbdkit delay
+                  proxy on the server's side (this kernel has no netem)
+  --swap-delay-us US  swap suite, remote path: the delay the proxy adds to every read (default 200)
+  --hang-runs N   hang suite: guest boots                   (default 30)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
   --check         exit 1 if an acceptance criterion is not met (default: only report it)
   --no-build      do not install packages or build; use $NBD_UMEMD or .build/release/nbd-umemd
@@ -111,7 +126,7 @@ class Options:
         self.mig_rounds = env("BENCH_MIG_ROUNDS", "3")
         self.mig_mem, self.mig_link, self.mig_keep, self.plot = "192", "200mbit", "30", ""
         self.mig_modes = "precopy,postcopy,file,swap"
-        self.swap_ws, self.swap_remote = "256", ""
+        self.swap_ws, self.swap_remote, self.swap_delay_us, self.hang_runs = "256", "", "200", "30"
 
 
 # option -> (attribute, what it needs, accepts --opt=VALUE)
@@ -122,6 +137,8 @@ VALUED = {
     "--mig-link": ("mig_link", "a value", False), "--mig-keep": ("mig_keep", "a value", False),
     "--mig-modes": ("mig_modes", "a list", False),
     "--plot": ("plot", "a file", False), "--swap-ws": ("swap_ws", "a value", False),
+    "--swap-remote": ("swap_remote", "a rate", False), "--swap-delay-us": ("swap_delay_us", "a value", False),
+    "--hang-runs": ("hang_runs", "a value", False),
 }
 FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
 
@@ -167,10 +184,12 @@ def parse(argv):
         die("--size must be a multiple of 1M")
     if not o.suite:
         o.suite = "core" if o.aa else "all"
-    if o.suite not in ("core", "lazy", "prefetch", "migrate", "tls", "swap", "all"):
-        die("--suite must be core, lazy, prefetch, migrate, tls, swap or all, got '%s'" % o.suite)
+    if o.suite not in ("core", "lazy", "prefetch", "migrate", "tls", "swap", "sync", "hang", "all"):
+        die("--suite must be core, lazy, prefetch, migrate, tls, swap, sync, hang or all, got '%s'" % o.suite)
     check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds"),
-                     ("swap_ws", 64, 8192, " MiB")])
+                     ("swap_ws", 64, 8192, " MiB"), ("swap_delay_us", 0, 1000000, " µs"), ("hang_runs", 1, 1000, "")])
+    if o.swap_remote and not re.fullmatch(r"[0-9]+[kmg]?bit", o.swap_remote):
+        die("--swap-remote wants a tc rate such as 1gbit, got '%s'" % o.swap_remote)
     if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):
         die("--mig-link wants a tc rate such as 200mbit, got '%s'" % o.mig_link)
     modes = [{"umemd": "file"}.get(m, m) for m in o.mig_modes.split(",") if m]
@@ -181,7 +200,7 @@ def parse(argv):
     o.plot = o.plot or os.path.join(ROOT, "docs", "migration-rate.png")
     if o.aa and o.suite != "core":
         die("--aa only applies to the core suite (use --suite core)")
-    for k in ("rounds", "runtime", "ramp", "mig_rounds", "mig_mem", "mig_keep", "swap_ws"):
+    for k in ("rounds", "runtime", "ramp", "mig_rounds", "mig_mem", "mig_keep", "swap_ws", "swap_delay_us", "hang_runs"):
         setattr(o, k, int(getattr(o, k)))
     return o
 
@@ -194,6 +213,8 @@ def setup(o, run):
             ensure_packages("python3-matplotlib", "iproute2", "fuse3")
         if "tls" in run:
             ensure_packages("gnutls-bin", "curl")
+        if "hang" in run:
+            ensure_packages("qemu-system-x86", "busybox-static", "cpio", "nbd-client")
         if "swap" in run:
             ensure_packages("nbd-server", "fuse3", "gcc", "libc6-dev", "util-linux", "iproute2")
     umemd = None
@@ -246,7 +267,9 @@ def main(argv):
             if i:
                 print()
                 sys.stdout.flush()
-            met = (swapbench.run_swap(b) if name == "swap" else getattr(suites, "run_" + name)(b)) and met
+            run_suite = ({"swap": swapbench.run_swap, "sync": swapbench.run_sync, "hang": swapbench.run_hang}.get(name)
+                         or getattr(suites, "run_" + name))
+            met = run_suite(b) and met
             sys.stdout.flush()
         return 1 if o.check and not met else 0
     finally:

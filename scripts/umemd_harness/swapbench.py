@@ -18,8 +18,10 @@ the delay per read (this kernel has no netem); the swapping side attaches over T
 
 Every setting changed (page-cluster, cgroups, swap, devices, namespaces) is restored on every exit.
 """
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,14 +29,14 @@ import sys
 import time
 
 from . import reports
-from .common import ROOT, Fatal, die, log, read_text
-from .machines import HostPair
+from .common import PYTHON, ROOT, Fatal, die, log, read_text
 from .servers import Server, Servers, nbdkit_server, stop_pid
 
 CONTENDERS = ["nbd-umemd", "nbdkit", "nbd-server"]
 QD1_CONTENDERS = ["null"] + CONTENDERS
 PHASES = ["fill", "seq", "rand", "mixed", "write"]
 CG_ROOT = "/sys/fs/cgroup/memory"
+REMOTE_SERVER, REMOTE_CLIENT = "10.200.9.1", "10.200.9.2"
 PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
 
 
@@ -98,6 +100,12 @@ def _run(argv, timeout=120, check=True):
     return r.stdout.decode().strip()
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cpu_tree(pid):
     """CPU seconds of PID and all its descendants (living ones, and the reaped ones it waited for)."""
     hz = float(os.sysconf("SC_CLK_TCK"))
@@ -137,7 +145,8 @@ class SwapBench:
         os.makedirs(self.dir, exist_ok=True)
         self.devices = []       # attached by us, detached on every exit
         self.cgroups = []
-        self.hosts = None
+        self.ns = "umemd-swsrv-%d" % os.getpid()
+        self.imgs = []          # nbd-server's image files in /dev/shm
         self.page_cluster = read_text(PAGE_CLUSTER).strip()
         self.ws = self.o.swap_ws
         self.size = "%dM" % max(1024, 4 * self.ws)
@@ -155,30 +164,42 @@ class SwapBench:
             if shutil.which(tool) is None:
                 die("%s not found" % tool)
         _run(["gcc", "-O2", "-pthread", "-o", self.work_bin, os.path.join(ROOT, "scripts/umemd_harness/swapwork.c")])
+        if self.remote:
+            self.setup_link()
+
+    def setup_link(self):
+        """The server host: a network namespace joined to this one by a veth pair, both ends shaped
+        with tc tbf at the --swap-remote rate."""
+        ns, here, there = self.ns, "uswr%d" % (os.getpid() % 10000), "uswn%d" % (os.getpid() % 10000)
+        _run(["ip", "netns", "add", ns])
+        self.netns_made = True
+        steps = [["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+                 ["ip", "link", "set", there, "netns", ns],
+                 ["ip", "addr", "add", REMOTE_CLIENT + "/24", "dev", here], ["ip", "link", "set", here, "up"],
+                 ["ip", "-n", ns, "addr", "add", REMOTE_SERVER + "/24", "dev", there],
+                 ["ip", "-n", ns, "link", "set", there, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"],
+                 ["tc", "qdisc", "add", "dev", here, "root", "tbf", "rate", self.remote, "burst", "256kb", "latency", "50ms"],
+                 ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", there, "root", "tbf", "rate", self.remote,
+                  "burst", "256kb", "latency", "50ms"]]
+        self.veth = here
+        for step in steps:
+            _run(step)
 
     def close(self):
-        for dev in reversed(self.devices):
+        for dev in list(self.devices):
             subprocess.run(["swapoff", dev], stderr=subprocess.DEVNULL)
             subprocess.run([os.path.join(ROOT, "scripts/swap-off"), dev], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-        self.devices = []
-        for cg in self.cgroups:
-            for p in read_text(os.path.join(cg, "cgroup.procs")).split():
-                try:
-                    os.kill(int(p), 9)
-                except OSError:
-                    pass
-            for _ in range(50):
-                try:
-                    os.rmdir(cg)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-        self.cgroups = []
+            self.devices.remove(dev)
+        for cg in list(self.cgroups):
+            self.remove_cgroup(cg)
+        self.drop_images()
         with open(PAGE_CLUSTER, "w") as f:
             f.write(self.page_cluster)
-        if self.hosts:
-            self.hosts.close()
+        if getattr(self, "veth", None):
+            subprocess.run(["ip", "link", "del", self.veth], stderr=subprocess.DEVNULL)
+        if getattr(self, "netns_made", False):
+            subprocess.run(["ip", "netns", "del", self.ns], stderr=subprocess.DEVNULL)
 
     # ---- servers --------------------------------------------------------------------------------
     def server(self, kind, tag):
@@ -186,120 +207,190 @@ class SwapBench:
         sock = os.path.join(d, "%s.sock" % tag)
         pidfile = os.path.join(d, "%s.pid" % tag)
         log_path = os.path.join(d, "%s.log" % tag)
+        ns = ["ip", "netns", "exec", self.ns] if self.remote else []
         if kind == "nbd-umemd":
-            return Server(kind, [self.b.umemd, "serve", "--memory", self.size, "--swap", "--unix", sock,
-                                 "--pidfile", pidfile], pidfile, log_path, sock=sock, announce=False, own_session=True)
-        if kind == "nbdkit":
-            s = nbdkit_server(kind, ["--swap", "memory", self.size], sock, pidfile, log_path)
-        elif kind == "null":
-            s = nbdkit_server(kind, ["null", self.size], sock, pidfile, log_path)
+            # On the remote host the daemon is not in the swapping kernel's reclaim path: no --swap.
+            # --metrics: the daemon's own read latency (arrival to reply) during the swap-out pass.
+            self.metrics_port = _free_port()
+            self.metrics_host = REMOTE_SERVER if self.remote else "127.0.0.1"
+            return Server(kind, ns + [self.b.umemd, "serve", "--memory", self.size, "--unix", sock, "--pidfile", pidfile,
+                                      "--metrics", "%s:%d" % (self.metrics_host, self.metrics_port)]
+                          + ([] if self.remote else ["--swap"]), pidfile, log_path, sock=sock, announce=False, own_session=True)
+        if kind in ("nbdkit", "null"):
+            args = ["null", self.size] if kind == "null" else ["memory", self.size] if self.remote else ["--swap", "memory", self.size]
+            s = Server(kind, ns + ["nbdkit", "-f", "-U", sock, "-P", pidfile] + args, pidfile, log_path, sock=sock)
         elif kind == "nbd-server":
             img = "/dev/shm/nbd-bench-swap-%d.img" % os.getpid()
             with open(img, "w") as f:
                 f.truncate(int(self.size[:-1]) << 20)
-            self.imgs = getattr(self, "imgs", []) + [img]
+            self.imgs.append(img)
             conf = os.path.join(d, "%s.conf" % tag)
             with open(conf, "w") as f:
                 f.write("[generic]\n    unixsock = %s\n[swap]\n    exportname = %s\n" % (sock, img))
-            return _DaemonServer(kind, ["nbd-server", "-C", conf], pidfile, log_path, sock)
+            return _DaemonServer(kind, ns + ["nbd-server", "-C", conf], pidfile, log_path, sock)
         else:
             raise ValueError(kind)
         s.announce, s.own_session = False, True
         return s
 
-    def export_args(self, kind, sock):
-        args = ["--unix", sock]
-        if kind == "nbd-server":
-            args += ["--export", "swap"]
-        return args
+    def attach_args(self, servers, kind, srv, tag):
+        """scripts/attach and swap-on arguments for SRV: its socket, or on the remote path a TCP port of
+        the server's host where an nbdkit delay proxy adds --swap-delay-us to every read."""
+        if not self.remote:
+            return ["--unix", srv.sock] + (["--export", "swap"] if kind == "nbd-server" else [])
+        port = _free_port()
+        pidfile = os.path.join(self.dir, "%s-proxy.pid" % tag)
+        proxy = Server("delay proxy", ["ip", "netns", "exec", self.ns, "nbdkit", "-f", "-i", REMOTE_SERVER, "-p", str(port),
+                                       "-P", pidfile, "--filter=delay", "nbd", "socket=" + srv.sock,
+                                       "delay-read=%.6f" % (self.o.swap_delay_us / 1e6)]
+                       + (["export=swap"] if kind == "nbd-server" else []),
+                       pidfile, os.path.join(self.dir, "%s-proxy.log" % tag))
+        proxy.announce, proxy.own_session = False, True
+        servers.start(proxy)
+        return ["--tcp", "%s:%d" % (REMOTE_SERVER, port)]
+
+    # ---- devices and cgroups, released on every exit ----------------------------------------------
+    @contextlib.contextmanager
+    def attached(self, servers, kind, srv, tag, swap):
+        """SRV's export attached (scripts/swap-on with swap, else scripts/attach); swapped off and
+        detached when the block ends, however it ends (before the servers stop)."""
+        args = self.attach_args(servers, kind, srv, tag)
+        dev = _run([os.path.join(ROOT, "scripts/swap-on" if swap else "scripts/attach")] + args
+                   + (["--priority", "32000", "--force"] if swap else ["--swap"]))
+        self.devices.append(dev)
+        try:
+            yield dev
+        finally:
+            self.devices.remove(dev)
+            r = subprocess.run([os.path.join(ROOT, "scripts/swap-off"), dev], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+            if r.returncode != 0:
+                log("WARNING: scripts/swap-off %s: %s" % (dev, r.stderr.decode(errors="replace").strip()))
+
+    @contextlib.contextmanager
+    def cgroup(self, limit):
+        cg = os.path.join(CG_ROOT, "nbd-bench-swap-%d" % os.getpid())
+        os.mkdir(cg)
+        self.cgroups.append(cg)
+        try:
+            with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
+                f.write(str(limit))
+            yield cg
+        finally:
+            self.remove_cgroup(cg)
+
+    def remove_cgroup(self, cg):
+        for p in read_text(os.path.join(cg, "cgroup.procs")).split():
+            try:
+                os.kill(int(p), 9)
+            except OSError:
+                pass
+        for _ in range(50):
+            try:
+                os.rmdir(cg)
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.cgroups.remove(cg)
+
+    def drop_images(self):
+        for img in self.imgs:
+            if os.path.exists(img):
+                os.unlink(img)
+        self.imgs = []
 
     # ---- one swap run ---------------------------------------------------------------------------
     def swap_run(self, kind, pc, rnd):
         tag = "%s-pc%d-%d" % (kind, pc, rnd)
-        with Servers() as servers:
-            srv = servers.start(self.server(kind, tag))
-            dev = _run([os.path.join(ROOT, "scripts/swap-on")] + self.export_args(kind, srv.sock)
-                       + ["--priority", "32000", "--force"])
-            self.devices.append(dev)
-            with open(PAGE_CLUSTER, "w") as f:
-                f.write(str(pc))
-            cg = os.path.join(CG_ROOT, "nbd-bench-swap-%d" % os.getpid())
-            os.mkdir(cg)
-            self.cgroups.append(cg)
-            with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
-                f.write(str((self.ws << 20) // 4))
-            cpu0 = cpu_tree(srv.pid)
-            in0, out0 = vmstat()
-            work = subprocess.Popen(["sh", "-c", 'echo $$ >"$1/cgroup.procs" && exec "$2" "$3" "$4"', "sh", cg,
-                                     self.work_bin, str(self.ws), str(rnd * 7919 + pc)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            phases = {}
-            try:
-                for line in work.stdout:
-                    p = json.loads(line)
-                    if p["phase"] == "hold":
-                        break
-                    phases[p["phase"]] = p
-                else:
-                    raise Fatal("the workload ended early (exit %s) on %s" % (work.wait(), kind))
-                held = swap_used_kib(dev) or 0
-                with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
-                    f.write("-1")
-                s_in0, _ = vmstat()
-                t0 = time.monotonic()
-                _run(["swapoff", dev], timeout=600)
-                swapoff = time.monotonic() - t0
-                s_in1, _ = vmstat()
-                work.stdin.write(b"verify\n")
-                work.stdin.flush()
-                final = json.loads(work.stdout.readline() or "{}")
-                rc = work.wait(timeout=120)
-            finally:
-                if work.poll() is None:
-                    work.kill()
-                    work.wait()
-            in1, out1 = vmstat()
-            cpu = cpu_tree(srv.pid) - cpu0
-            srv.check_alive()
-            subprocess.run([os.path.join(ROOT, "scripts/swap-off"), dev], stdout=subprocess.DEVNULL, check=True)
-            self.devices.remove(dev)
-            servers.stop(srv)
-            os.rmdir(cg)
-            self.cgroups.remove(cg)
-        for img in getattr(self, "imgs", []):
-            os.unlink(img)
-        self.imgs = []
-        errors = sum(p.get("errors", 0) for p in phases.values()) + final.get("errors", 1) + (rc != 0)
-        r = {"phases": phases, "held_mib": held / 1024.0, "swapoff_s": swapoff, "swapoff_in": s_in1 - s_in0,
-             "cpu_s": cpu, "pswpin": in1 - in0, "pswpout": out1 - out0, "errors": errors}
+        try:
+            with Servers() as servers:
+                srv = servers.start(self.server(kind, tag))
+                with self.attached(servers, kind, srv, tag, swap=True) as dev, self.cgroup((self.ws << 20) // 4) as cg:
+                    with open(PAGE_CLUSTER, "w") as f:
+                        f.write(str(pc))
+                    r = self.workload(kind, pc, rnd, srv, dev, cg)
+                srv.check_alive()
+                servers.stop(srv)
+        finally:
+            self.drop_images()
         log("  %-10s pc=%d: %s; swapoff %.2f s (%.0f MiB); server CPU %.2f s, %d in / %d out; errors %d"
-            % (kind, pc, ", ".join("%s %.2f s" % (n, phases[n]["seconds"]) for n in PHASES if n in phases),
-               swapoff, r["held_mib"], cpu, r["pswpin"], r["pswpout"], errors))
+            % (kind, pc, ", ".join("%s %.2f s" % (n, r["phases"][n]["seconds"]) for n in PHASES if n in r["phases"]),
+               r["swapoff_s"], r["held_mib"], r["cpu_s"], r["pswpin"], r["pswpout"], r["errors"]))
         return r
+
+    def workload(self, kind, pc, rnd, srv, dev, cg):
+        """swapwork in cgroup CG swapping to DEV; swapoff timed while it holds its pages."""
+        cpu0 = cpu_tree(srv.pid)
+        in0, out0 = vmstat()
+        work = subprocess.Popen(["sh", "-c", 'echo $$ >"$1/cgroup.procs" && exec "$2" "$3" "$4"', "sh", cg,
+                                 self.work_bin, str(self.ws), str(rnd * 7919 + pc)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        phases, hist = {}, {}
+        try:
+            for line in work.stdout:
+                p = json.loads(line)
+                if p["phase"] == "hold":
+                    break
+                phases[p["phase"]] = p
+                if kind == "nbd-umemd" and p["phase"] in ("mixed", "write"):
+                    hist[p["phase"]] = self.read_histogram()
+            else:
+                raise Fatal("the workload ended early (exit %s) on %s" % (work.wait(), kind))
+            held = swap_used_kib(dev) or 0
+            with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
+                f.write("-1")
+            s_in0, _ = vmstat()
+            t0 = time.monotonic()
+            _run(["swapoff", dev], timeout=600)
+            swapoff = time.monotonic() - t0
+            s_in1, _ = vmstat()
+            work.stdin.write(b"verify\n")
+            work.stdin.flush()
+            final = json.loads(work.stdout.readline() or "{}")
+            rc = work.wait(timeout=120)
+        finally:
+            if work.poll() is None:
+                work.kill()
+                work.wait()
+        in1, out1 = vmstat()
+        errors = sum(p.get("errors", 0) for p in phases.values()) + final.get("errors", 1) + (rc != 0)
+        if "mixed" in hist and "write" in hist:
+            phases["write"]["daemon_p99_us"] = _hist_quantile(hist["mixed"], hist["write"], 0.99)
+            phases["write"]["daemon_reads"] = hist["write"][-1][1] - hist["mixed"][-1][1]
+        return {"phases": phases, "held_mib": held / 1024.0, "swapoff_s": swapoff, "swapoff_in": s_in1 - s_in0,
+                "cpu_s": cpu_tree(srv.pid) - cpu0, "pswpin": in1 - in0, "pswpout": out1 - out0, "errors": errors}
+
+    def read_histogram(self):
+        """nbd-umemd's read latency histogram: [(upper bound in µs, cumulative count)], +Inf last."""
+        url = "http://%s:%d/metrics" % (self.metrics_host, self.metrics_port)
+        argv = (["ip", "netns", "exec", self.ns] if self.remote else []) + ["curl", "-sf", "--max-time", "5", url]
+        out = []
+        for line in _run(argv).splitlines():
+            m = re.match(r'nbd_umemd_request_duration_seconds_bucket\{.*command="read".*le="([^"]+)"\} (\S+)$', line)
+            if m:
+                out.append((float(m.group(1)) * 1e6, float(m.group(2))))
+        if not out:
+            raise Fatal("no read latency histogram in %s" % url)
+        return out
 
     # ---- the QD1 floor --------------------------------------------------------------------------
     def qd1_run(self, kind, rnd):
         tag = "%s-qd1-%d" % (kind, rnd)
         out = os.path.join(self.dir, tag + ".json")
-        with Servers() as servers:
-            srv = servers.start(self.server(kind, tag))
-            dev = _run([os.path.join(ROOT, "scripts/attach")] + self.export_args(kind, srv.sock) + ["--swap"])
-            self.devices.append(dev)
-            cpu0 = cpu_tree(srv.pid)
-            try:
-                _run(["fio", "--name=qd1", "--filename=" + dev, "--ioengine=psync", "--direct=1", "--rw=randread",
-                      "--bs=4k", "--size=%s" % self.size, "--norandommap", "--randrepeat=0", "--time_based",
-                      "--runtime=%d" % self.o.runtime, "--ramp_time=%d" % self.o.ramp, "--output-format=json",
-                      "--output=" + out], timeout=self.o.runtime + self.o.ramp + 60)
-            finally:
-                cpu = cpu_tree(srv.pid) - cpu0
-                subprocess.run([os.path.join(ROOT, "scripts/detach"), dev], stdout=subprocess.DEVNULL)
-                self.devices.remove(dev)
-            srv.check_alive()
-            servers.stop(srv)
-        for img in getattr(self, "imgs", []):
-            os.unlink(img)
-        self.imgs = []
+        try:
+            with Servers() as servers:
+                srv = servers.start(self.server(kind, tag))
+                with self.attached(servers, kind, srv, tag, swap=False) as dev:
+                    cpu0 = cpu_tree(srv.pid)
+                    _run(["fio", "--name=qd1", "--filename=" + dev, "--ioengine=psync", "--direct=1", "--rw=randread",
+                          "--bs=4k", "--size=%s" % self.size, "--norandommap", "--randrepeat=0", "--time_based",
+                          "--runtime=%d" % self.o.runtime, "--ramp_time=%d" % self.o.ramp, "--output-format=json",
+                          "--output=" + out], timeout=self.o.runtime + self.o.ramp + 60)
+                    cpu = cpu_tree(srv.pid) - cpu0
+                srv.check_alive()
+                servers.stop(srv)
+        finally:
+            self.drop_images()
         j = json.load(open(out))["jobs"][0]["read"]
         clat = j["clat_ns"]
         r = {"iops": j["iops"], "mean": clat["mean"] / 1000.0,
@@ -324,6 +415,16 @@ class SwapBench:
                 for kind in CONTENDERS[k:] + CONTENDERS[:k]:
                     swaps.setdefault((pc, kind), []).append(self.swap_run(kind, pc, rnd))
         return report(swaps, qd1, self, o.markdown)
+
+
+def _hist_quantile(before, after, q):
+    """The upper bound (µs) of the bucket holding quantile Q of the reads between two snapshots."""
+    counts = [(b, a - c) for (b, a), (_, c) in zip(after, before)]
+    total = counts[-1][1]
+    for bound, n in counts:
+        if total and n >= q * total:
+            return bound
+    return float("nan")
 
 
 def _median(xs):
@@ -356,6 +457,8 @@ def _metric(r, key):
         return ph["rand"]["p%s_us" % key[-2:]]
     if key in ("busy_p50", "busy_p99"):
         return ph["write"]["p%s_us" % key[-2:]]
+    if key == "daemon_p99":
+        return ph["write"].get("daemon_p99_us")
     if key == "cpu/in":
         return r["cpu_s"] * 1e6 / max(1, r["pswpin"])
     if key == "cpu":
@@ -371,6 +474,7 @@ ROWS = [
     ("us/in:swapoff", "µs per swap-in, swapoff", "%.1f"),
     ("idle_p50", "swap-in p50, idle (µs)", "%.0f"), ("idle_p99", "swap-in p99, idle (µs)", "%.0f"),
     ("busy_p50", "swap-in p50 during swap-out (µs)", "%.0f"), ("busy_p99", "swap-in p99 during swap-out (µs)", "%.0f"),
+    ("daemon_p99", "daemon's read p99 during swap-out, bucket bound (µs)", "%.0f"),
     ("cpu", "server CPU per run (s)", "%.2f"), ("cpu/in", "server CPU per swap-in (µs)", "%.1f"),
 ]
 CRITERIA_KEYS = ["fill", "seq", "rand", "swapoff"]
@@ -380,8 +484,12 @@ def report(swaps, qd1, sb, markdown):
     o = sb.o
     print("## Swap suite%s" % (" (remote: %s)" % sb.remote if sb.remote else "") if markdown else
           "SWAP SUITE" + (" (remote: %s)" % sb.remote if sb.remote else ""))
-    reports.print_env(sb.b.env().rows(("workload", "%d MiB in a memory cgroup of %d MiB; device %s; %d rounds"
-                                       % (sb.ws, sb.ws // 4, sb.size, o.rounds))), markdown)
+    extra = [("workload", "%d MiB in a memory cgroup of %d MiB; device %s; %d rounds" % (sb.ws, sb.ws // 4, sb.size, o.rounds)),
+             ("path", "nbdfuse + losetup --direct-io=on (scripts/swap-on)")]
+    if sb.remote:
+        extra.append(("link", "veth to a network namespace, tc tbf %s both ways; an nbdkit delay proxy beside the server "
+                              "adds %d µs to every read; attached over TCP" % (sb.remote, o.swap_delay_us)))
+    reports.print_env(sb.b.env().rows(*extra), markdown)
     criteria = []
     errors = sum(r["errors"] for rs in swaps.values() for r in rs)
     for pc in (0, 3):
@@ -392,7 +500,8 @@ def report(swaps, qd1, sb, markdown):
         for key, label, fmt in ROWS:
             meds = [_median([_metric(r, key) for r in swaps[(pc, k)]]) for k in CONTENDERS]
             best = min(meds[1:])
-            rows.append([label] + [fmt % m for m in meds] + ["%.3f" % (meds[0] / best) if best else "-"])
+            show = lambda v, f: "-" if v != v else f % v   # NaN: no value (the peers have no such metric)
+            rows.append([label] + [show(m, fmt) for m in meds] + [show(meds[0] / best, "%.3f") if best else "-"])
             if key in CRITERIA_KEYS:
                 peer = CONTENDERS[1 + meds[1:].index(best)]
                 spread = _spread([_metric(r, key) for r in swaps[(pc, peer)]])
@@ -431,8 +540,107 @@ def run_swap(b):
         return sb.run()
     finally:
         sb.close()
-        for img in getattr(sb, "imgs", []):
-            try:
-                os.unlink(img)
-            except OSError:
-                pass
+
+
+# =================================================================================================
+# Small synchronous writes on a file export (--suite sync)
+# =================================================================================================
+SYNC_WORKLOADS = [("fua", 1), ("fua", 8), ("flush", 1), ("flush", 8)]
+
+
+def run_sync(b):
+    """`nbd-umemd serve --file F` against `nbdkit file F`, F a written (not sparse) 256 MiB file on the
+    root file system: 4 KiB WRITE+FUA and WRITE+FLUSH at QD1 and QD8 (syncwrite.py), both servers
+    started once, the order alternating by round and workload; medians of ops/s and latency."""
+    o, w = b.o, b.work
+    img = os.path.join(w, "sync.img")
+    with open(img, "wb") as f:
+        for _ in range(16):
+            f.write(os.urandom(16 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    fs = _run(["stat", "-f", "-c", "%T", img])
+    results = {}
+    with Servers() as servers:
+        socks = {k: os.path.join(w, "sync-%s.sock" % k) for k in ("nbd-umemd", "nbdkit")}
+        pidfile = os.path.join(w, "sync-umemd.pid")
+        srv = {
+            "nbd-umemd": servers.start(Server("nbd-umemd", [b.umemd, "serve", "--file", img, "--unix", socks["nbd-umemd"],
+                                                            "--pidfile", pidfile], pidfile,
+                                              os.path.join(w, "sync-umemd.log"), sock=socks["nbd-umemd"])),
+            "nbdkit": servers.start(nbdkit_server("nbdkit", ["file", img], socks["nbdkit"], os.path.join(w, "sync-nbdkit.pid"),
+                                                  os.path.join(w, "sync-nbdkit.log"))),
+        }
+        for rnd in range(1, o.rounds + 1):
+            for i, (mode, qd) in enumerate(SYNC_WORKLOADS):
+                order = ["nbd-umemd", "nbdkit"] if (rnd + i) % 2 else ["nbdkit", "nbd-umemd"]
+                for k in order:
+                    srv[k].check_alive()
+                    cpu0 = cpu_tree(srv[k].pid)
+                    out = _run([PYTHON, os.path.join(ROOT, "scripts/umemd_harness/syncwrite.py"),
+                                "nbd+unix:///?socket=" + socks[k], mode, str(qd), str(o.runtime)], timeout=o.runtime + 60)
+                    r = json.loads(out)
+                    r["cpu_us"] = (cpu_tree(srv[k].pid) - cpu0) * 1e6 / max(1, r["ops"] * o.runtime)
+                    results.setdefault((mode, qd, k), []).append(r)
+                    log("  round %d %-5s QD%d %-9s %7.0f ops/s, mean %6.0f us" % (rnd, mode, qd, k, r["ops"], r["mean_us"]))
+    os.unlink(img)
+    md = o.markdown
+    print("## Small synchronous writes on a file export" if md else "SMALL SYNCHRONOUS WRITES ON A FILE EXPORT")
+    reports.print_env(b.env().rows(("file", "256 MiB, written, on %s (%s)" % (fs, w)),
+                                   ("rounds", "%d of %d s per workload and server" % (o.rounds, o.runtime))), md)
+    print()
+    header = ["4 KiB writes", "nbd-umemd ops/s", "nbdkit ops/s", "ratio", "nbd-umemd mean (µs)", "nbdkit mean (µs)",
+              "nbd-umemd rounds", "nbdkit rounds"]
+    rows, criteria = [], []
+    for mode, qd in SYNC_WORKLOADS:
+        a = [r["ops"] for r in results[(mode, qd, "nbd-umemd")]]
+        k = [r["ops"] for r in results[(mode, qd, "nbdkit")]]
+        ratio = _median(a) / _median(k)
+        label = "%s QD%d" % ("WRITE+FUA" if mode == "fua" else "WRITE, FLUSH", qd)
+        rows.append([label, "%.0f" % _median(a), "%.0f" % _median(k), "%.3f" % ratio,
+                     "%.0f" % _median([r["mean_us"] for r in results[(mode, qd, "nbd-umemd")]]),
+                     "%.0f" % _median([r["mean_us"] for r in results[(mode, qd, "nbdkit")]]),
+                     " ".join("%.0f" % x for x in a), " ".join("%.0f" % x for x in k)])
+        criteria.append(("%s: nbd-umemd at least 1.0x nbdkit" % label, ratio >= 1.0, ratio))
+    (reports.md_table if md else reports.txt_table)(header, rows)
+    print()
+    return reports.print_criteria(criteria, md)
+
+
+# =================================================================================================
+# The hang harness, long mode (--suite hang)
+# =================================================================================================
+def run_hang(b):
+    """Tests/integration/66-swap-hang-guest.sh with HANG_RUNS=--hang-runs boots (the test suite runs 3):
+    the real kernel nbd client in a TCG guest swapping to this host's nbd-umemd over TCP, a memory
+    eater with no cgroup; counts hangs, panics and data errors."""
+    o = b.o
+    script = os.path.join(ROOT, "Tests/integration/66-swap-hang-guest.sh")
+    env = dict(os.environ, HANG_RUNS=str(o.hang_runs), NBD_UMEMD=b.umemd)
+    log("hang harness: %d boots of the test guest (%s)" % (o.hang_runs, script))
+    t0 = time.monotonic()
+    lines = []
+    with subprocess.Popen(["bash", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as p:
+        for raw in p.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            lines.append(line)
+            if "run " in line or "HANG-HARNESS" in line or "FAIL" in line:
+                log(line)
+        rc = p.wait()
+    minutes = (time.monotonic() - t0) / 60
+    summary = [l for l in lines if "HANG-HARNESS" in l]
+    fields = dict(re.findall(r"(\S+)=(\[[^\]]*\]|\S+)", summary[-1])) if summary else {}
+    md = o.markdown
+    print("## Remote swap hang harness" if md else "REMOTE SWAP HANG HARNESS")
+    reports.print_env(b.env().rows(("guest", "QEMU TCG, 256 MiB, hung_task_panic=1 softlockup_panic=1 panic=-1; "
+                                              "nbd-client -swap over TCP to this host's nbd-umemd; no memory cgroup"),
+                                   ("runs", "%d boots, each: an eater round of RAM + 100 MiB (write, verify, free), then "
+                                            "swapoff while the owner of the pages on the device is stopped" % o.hang_runs),
+                                   ("elapsed", "%.1f min" % minutes)), md)
+    print()
+    for k in ("runs", "ok", "hangs", "panics", "data-errors", "incomplete", "swapoff-s"):
+        print(("- %s: %s" if md else "%-12s %s") % (k, fields.get(k, "?")))
+    print()
+    ok = rc == 0 and fields.get("ok") == str(o.hang_runs)
+    return reports.print_criteria([("%s of %d runs without hang, panic or data error" % (fields.get("ok", "0"), o.hang_runs),
+                                     ok, float(fields.get("ok", 0)))], md, fmt=lambda r: "%.0f" % r)
