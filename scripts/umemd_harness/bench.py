@@ -96,9 +96,10 @@ Options:
   --plot FILE     migrate suite: where to draw the rate plot (default docs/migration-rate.png)
   --swap-ws MIB   swap suite: the workload's working set    (default 256; the cgroup gets a quarter)
   --swap-remote RATE  swap suite, remote path: the servers in a network namespace behind a veth pair
-                  shaped with tc tbf at RATE (e.g. 1gbit), attached over TCP through an nbdkit delay
-                  proxy on the server's side (this kernel has no netem)
-  --swap-delay-us US  swap suite, remote path: the delay the proxy adds to every read (default 200)
+                  shaped with tc tbf at RATE (e.g. 1gbit), attached over TCP through a delay line on
+                  the server's side (delayproxy.c; this kernel has no netem)
+  --swap-delay-us US  swap suite, remote path: how long the delay line holds the server's replies
+                  (default 200)
   --hang-runs N   hang suite: guest boots                   (default 30)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
   --check         exit 1 if an acceptance criterion is not met (default: only report it)

@@ -13,8 +13,9 @@ Beside it, the latency floor: 4 KiB O_DIRECT reads at QD1 on the attached loop d
 each server and of `nbdkit null`, which does nothing. Rounds rotate the order of the contenders.
 
 The remote case (--swap-remote RATE): the servers run in a network namespace joined to the swapping
-side by a veth pair shaped with tc tbf, an `nbdkit --filter=delay nbd` proxy beside the servers adding
-the delay per read (this kernel has no netem); the swapping side attaches over TCP.
+side by a veth pair shaped with tc tbf, a delay line beside the servers (delayproxy.c: this kernel has
+no netem, and nbdkit's delay filter counts whole milliseconds) holding every byte the server sends for
+--swap-delay-us; the swapping side attaches over TCP.
 
 Every setting changed (page-cluster, cgroups, swap, devices, namespaces) is restored on every exit.
 """
@@ -151,6 +152,7 @@ class SwapBench:
         self.ws = self.o.swap_ws
         self.size = "%dM" % max(1024, 4 * self.ws)
         self.work_bin = os.path.join(self.dir, "swapwork")
+        self.proxy_bin = os.path.join(self.dir, "delayproxy")
         self.remote = self.o.swap_remote
 
     # ---- set-up and clean-up --------------------------------------------------------------------
@@ -164,6 +166,7 @@ class SwapBench:
             if shutil.which(tool) is None:
                 die("%s not found" % tool)
         _run(["gcc", "-O2", "-pthread", "-o", self.work_bin, os.path.join(ROOT, "scripts/umemd_harness/swapwork.c")])
+        _run(["gcc", "-O2", "-pthread", "-o", self.proxy_bin, os.path.join(ROOT, "scripts/umemd_harness/delayproxy.c")])
         if self.remote:
             self.setup_link()
 
@@ -235,15 +238,13 @@ class SwapBench:
 
     def attach_args(self, servers, kind, srv, tag):
         """scripts/attach and swap-on arguments for SRV: its socket, or on the remote path a TCP port of
-        the server's host where an nbdkit delay proxy adds --swap-delay-us to every read."""
+        the server's host where delayproxy.c holds every byte from the server for --swap-delay-us."""
         if not self.remote:
             return ["--unix", srv.sock] + (["--export", "swap"] if kind == "nbd-server" else [])
         port = _free_port()
         pidfile = os.path.join(self.dir, "%s-proxy.pid" % tag)
-        proxy = Server("delay proxy", ["ip", "netns", "exec", self.ns, "nbdkit", "-f", "-i", REMOTE_SERVER, "-p", str(port),
-                                       "-P", pidfile, "--filter=delay", "nbd", "socket=" + srv.sock,
-                                       "delay-read=%.6f" % (self.o.swap_delay_us / 1e6)]
-                       + (["export=swap"] if kind == "nbd-server" else []),
+        proxy = Server("delay proxy", ["ip", "netns", "exec", self.ns, self.proxy_bin, REMOTE_SERVER, str(port), srv.sock,
+                                       str(self.o.swap_delay_us), pidfile],
                        pidfile, os.path.join(self.dir, "%s-proxy.log" % tag))
         proxy.announce, proxy.own_session = False, True
         servers.start(proxy)
@@ -457,6 +458,8 @@ def _metric(r, key):
         return ph["rand"]["p%s_us" % key[-2:]]
     if key in ("busy_p50", "busy_p99"):
         return ph["write"]["p%s_us" % key[-2:]]
+    if key.startswith("psi:"):
+        return ph[key[4:]].get("psi_some_ms")
     if key == "daemon_p99":
         return ph["write"].get("daemon_p99_us")
     if key == "cpu/in":
@@ -475,6 +478,8 @@ ROWS = [
     ("idle_p50", "swap-in p50, idle (µs)", "%.0f"), ("idle_p99", "swap-in p99, idle (µs)", "%.0f"),
     ("busy_p50", "swap-in p50 during swap-out (µs)", "%.0f"), ("busy_p99", "swap-in p99 during swap-out (µs)", "%.0f"),
     ("daemon_p99", "daemon's read p99 during swap-out, bucket bound (µs)", "%.0f"),
+    ("psi:rand", "memory stall (PSI some) in random verify (ms)", "%.0f"),
+    ("psi:write", "memory stall (PSI some) in the swap-out pass (ms)", "%.0f"),
     ("cpu", "server CPU per run (s)", "%.2f"), ("cpu/in", "server CPU per swap-in (µs)", "%.1f"),
 ]
 CRITERIA_KEYS = ["fill", "seq", "rand", "swapoff"]
@@ -487,8 +492,8 @@ def report(swaps, qd1, sb, markdown):
     extra = [("workload", "%d MiB in a memory cgroup of %d MiB; device %s; %d rounds" % (sb.ws, sb.ws // 4, sb.size, o.rounds)),
              ("path", "nbdfuse + losetup --direct-io=on (scripts/swap-on)")]
     if sb.remote:
-        extra.append(("link", "veth to a network namespace, tc tbf %s both ways; an nbdkit delay proxy beside the server "
-                              "adds %d µs to every read; attached over TCP" % (sb.remote, o.swap_delay_us)))
+        extra.append(("link", "veth to a network namespace, tc tbf %s both ways; a delay line beside the server "
+                              "(delayproxy.c) holds its replies %d µs; attached over TCP" % (sb.remote, o.swap_delay_us)))
     reports.print_env(sb.b.env().rows(*extra), markdown)
     criteria = []
     errors = sum(r["errors"] for rs in swaps.values() for r in rs)

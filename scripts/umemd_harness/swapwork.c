@@ -14,8 +14,9 @@
  *           verifies random pages and times its major faults (swap-in latency under swap-out)
  * Then it prints {"phase":"hold"} and waits for a line on stdin (the harness runs swapoff meanwhile),
  * verifies every page once more, prints {"phase":"final",...} and exits 0 when no word was wrong.
- * Each phase line has: seconds, pswpin, pswpout (from /proc/vmstat), major faults, errors, and for
- * the timed phases the count, p50 and p99 of the timed swap-ins in microseconds.
+ * Each phase line has: seconds, pswpin, pswpout (from /proc/vmstat), major faults, errors, the time
+ * tasks stalled on memory (/proc/pressure/memory "some", ms; machine-wide), and for the timed phases
+ * the count, p50 and p99 of the timed swap-ins in microseconds.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -60,6 +61,16 @@ static void vmstat(long *in, long *out) {
         else if (!strcmp(name, "pswpout")) *out = v;
     }
     fclose(f);
+}
+
+/* Microseconds tasks have stalled on memory so far (PSI "some": reclaim, refaults, swap-in waits). */
+static long long psi_some(void) {
+    FILE *f = fopen("/proc/pressure/memory", "r");
+    long long total = -1;
+    if (!f) return -1;
+    if (fscanf(f, "some avg10=%*f avg60=%*f avg300=%*f total=%lld", &total) != 1) total = -1;
+    fclose(f);
+    return total;
 }
 
 static uint64_t word(size_t page, unsigned g, size_t k) {
@@ -126,6 +137,7 @@ struct phase {
     const char *name;
     double t0;
     long in0, out0, flt0, err0;
+    long long psi0;
 };
 
 static void begin(struct phase *p, const char *name) {
@@ -133,16 +145,19 @@ static void begin(struct phase *p, const char *name) {
     vmstat(&p->in0, &p->out0);
     p->flt0 = majflt();
     p->err0 = atomic_load(&errors);
+    p->psi0 = psi_some();
     p->t0 = now();
 }
 
 static void end(struct phase *p, struct lat *l, long extra_majflt) {
     double t = now() - p->t0;
     long in, out;
+    long long psi = psi_some();
     vmstat(&in, &out);
     printf("{\"phase\":\"%s\",\"seconds\":%.4f,\"pswpin\":%ld,\"pswpout\":%ld,\"majflt\":%ld,\"errors\":%ld",
            p->name, t, in - p->in0, out - p->out0, majflt() - p->flt0 + extra_majflt,
            atomic_load(&errors) - p->err0);
+    if (psi >= 0 && p->psi0 >= 0) printf(",\"psi_some_ms\":%.1f", (psi - p->psi0) / 1000.0);
     if (l) {
         qsort(l->us, l->n, sizeof(double), cmp);
         printf(",\"timed\":%zu,\"p50_us\":%.1f,\"p99_us\":%.1f", l->n, pct(l, 0.5), pct(l, 0.99));
