@@ -118,14 +118,14 @@ final class BusyPollTests: XCTestCase {
         XCTAssertEqual(p.phase, .measuring(polling: true))
     }
 
-    func testIdleGapsAndDeepQueuesAreNotCycles() {
+    func testDeepQueuesBreakTheChainAndLongGapsCountAsFullCycles() {
         var p = BusyPoll(window: .microseconds(30))
         var t = t0
         _ = lone(&p, at: t)
-        for i in 0..<(2 * BusyPoll.probeCycles) {
-            // Every other gap is idleness (over 1 ms), and every third lone request follows a deep queue.
-            t = t + (i % 2 == 0 ? .milliseconds(2) : .microseconds(50))
-            if i % 3 == 0 {
+        for i in 0..<BusyPoll.probeCycles {
+            // Every other lone request follows a deep queue: the gap before it is not a cycle.
+            t = t + .microseconds(50)
+            if i % 2 == 0 {
                 p.requestParsed(length: 4096)
                 p.requestParsed(length: 4096)
                 XCTAssertFalse(p.readComplete(inFlight: 0, now: t))
@@ -133,9 +133,15 @@ final class BusyPollTests: XCTestCase {
             }
             _ = lone(&p, at: t)
         }
-        // Only the 50 us gaps not after a deep queue count: 64 of the 128 gaps are 50 us, 21 of those
-        // follow a deep queue; the measurement with polling on needs 64.
-        XCTAssertEqual(p.phase, .measuring(polling: true))
-        XCTAssertNil(p.lastMedians)
+        XCTAssertEqual(p.phase, .measuring(polling: true), "32 cycles of the 64 needed")
+
+        // A client whose requests come 1.6 ms apart per connection (nbdfuse's four connections behind
+        // a 0.4 ms round trip): the gaps count as 1 ms, polling cannot shorten them, it stops.
+        var q = BusyPoll(window: .microseconds(30))
+        let (_, polls) = cycles(&q, from: t0, count: 2 * BusyPoll.probeCycles + 1 + 10, cycle: .microseconds(1600))
+        XCTAssertEqual(q.lastMedians?.on, 1_000_000)
+        XCTAssertEqual(q.lastMedians?.off, 1_000_000)
+        XCTAssertEqual(q.phase, .holding(polling: false, cycles: 10))
+        XCTAssertEqual(polls, BusyPoll.probeCycles)
     }
 }

@@ -46,6 +46,11 @@ struct conn {
     int eof;
 };
 
+static void on_term(int sig) {
+    (void)sig;
+    _exit(0);
+}
+
 static int write_all(int fd, const char *p, size_t n) {
     while (n) {
         ssize_t w = write(fd, p, n);
@@ -148,6 +153,7 @@ int main(int argc, char **argv) {
     backend_path = argv[3];
     delay_ns = atol(argv[4]) * 1000L;
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGTERM, on_term);
     int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

@@ -248,7 +248,7 @@ class SwapBench:
                        pidfile, os.path.join(self.dir, "%s-proxy.log" % tag))
         proxy.announce, proxy.own_session = False, True
         servers.start(proxy)
-        return ["--tcp", "%s:%d" % (REMOTE_SERVER, port)]
+        return ["--tcp", "%s:%d" % (REMOTE_SERVER, port)] + (["--export", "swap"] if kind == "nbd-server" else [])
 
     # ---- devices and cgroups, released on every exit ----------------------------------------------
     @contextlib.contextmanager

@@ -26,7 +26,7 @@ struct BusyPoll {
     static let holdCycles = 4096
     /// Polling is kept when the median cycle with it is at least this much shorter.
     static let requiredGain = 0.05
-    /// A longer gap between lone requests is idleness, not a client waiting on replies: not a cycle.
+    /// Gaps between lone requests count up to this long (idleness is not worth timing).
     static let maxCycle: TimeAmount = .milliseconds(1)
 
     enum Phase: Equatable {
@@ -80,7 +80,9 @@ struct BusyPoll {
             return false
         }
         let t = now()
-        if lastLoneAt != .distantPast, t - lastLoneAt <= Self.maxCycle { record(cycle: t - lastLoneAt) }
+        // A longer gap counts as `maxCycle`: polling could not have shortened it either (so a client
+        // whose requests come rarely, or round-robin over several connections, turns polling off).
+        if lastLoneAt != .distantPast { record(cycle: min(t - lastLoneAt, Self.maxCycle)) }
         lastLoneAt = t
         guard pollsNow else { return false }
         lastRequestAt = t
