@@ -26,10 +26,10 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
-from . import reports
+from . import reports, suites
+from .suites import _free_port
 from .common import PYTHON, ROOT, Fatal, die, log, read_text
 from .servers import Server, Servers, nbdkit_server, stop_pid
 
@@ -99,12 +99,6 @@ def _run(argv, timeout=120, check=True):
     if check and r.returncode != 0:
         raise Fatal("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stderr.decode(errors="replace").strip()))
     return r.stdout.decode().strip()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_tree(pid):
@@ -429,11 +423,9 @@ def _hist_quantile(before, after, q):
 
 
 def _median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return float("nan")
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2.0
+    """The median of the values that are there (the peers have no daemon histogram); NaN if none."""
+    m = suites._median([x for x in xs if x is not None])
+    return float("nan") if m is None else m
 
 
 def _spread(xs):

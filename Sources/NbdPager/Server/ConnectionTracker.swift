@@ -6,9 +6,9 @@ struct ShutdownEvent: Sendable {}
 
 /// The open connections of a server, so that shutdown can drain them.
 final class ConnectionTracker: Sendable {
-    private let state = NIOLockedValueBox<(channels: [ObjectIdentifier: any Channel], shuttingDown: Bool)>(([:], false))
-    /// Open connections per event loop.
-    private let perLoop = NIOLockedValueBox<[ObjectIdentifier: Int]>([:])
+    /// The open connections, how many of them each event loop serves, and whether shutdown has begun.
+    private let state = NIOLockedValueBox<(channels: [ObjectIdentifier: any Channel], perLoop: [ObjectIdentifier: Int],
+                                           shuttingDown: Bool)>(([:], [:], false))
     private let refusedCount = NIOLockedValueBox(0)
 
     enum Admission: Equatable { case added, shuttingDown, full(open: Int) }
@@ -19,14 +19,14 @@ final class ConnectionTracker: Sendable {
             guard !s.shuttingDown else { return .shuttingDown }
             guard s.channels.count < limit else { return .full(open: s.channels.count) }
             s.channels[ObjectIdentifier(channel)] = channel
-            perLoop.withLockedValue { $0[ObjectIdentifier(channel.eventLoop), default: 0] += 1 }
+            s.perLoop[ObjectIdentifier(channel.eventLoop), default: 0] += 1
             return .added
         }
     }
 
     /// Open connections served by `loop`.
     func count(on loop: any EventLoop) -> Int {
-        perLoop.withLockedValue { $0[ObjectIdentifier(loop)] ?? 0 }
+        state.withLockedValue { $0.perLoop[ObjectIdentifier(loop)] ?? 0 }
     }
 
     /// Counts a connection refused by the policy (address, connection limit).
@@ -38,11 +38,9 @@ final class ConnectionTracker: Sendable {
     func remove(_ channel: any Channel) {
         state.withLockedValue { s in
             guard s.channels.removeValue(forKey: ObjectIdentifier(channel)) != nil else { return }
-            perLoop.withLockedValue { counts in
-                let key = ObjectIdentifier(channel.eventLoop)
-                let left = (counts[key] ?? 1) - 1
-                counts[key] = left > 0 ? left : nil
-            }
+            let key = ObjectIdentifier(channel.eventLoop)
+            let left = (s.perLoop[key] ?? 1) - 1
+            s.perLoop[key] = left > 0 ? left : nil
         }
     }
 
