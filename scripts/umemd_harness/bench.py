@@ -76,7 +76,9 @@ Hang suite: the remote swap hang harness (Tests/integration/66-swap-hang-guest.s
 runs 3 times) for --hang-runs boots: a TCG guest with 256 MiB, hung_task_panic=1 and panic=-1 swaps
 over TCP with the real nbd-client -swap to this host's nbd-umemd while a memory eater with no cgroup
 writes, verifies and frees RAM + 100 MiB, then swapoff with the owner of the swapped pages stopped;
-hangs, panics and data errors counted.
+hangs, panics and data errors counted. --hang-mode local runs the same harness with the daemon
+inside the guest (serve --swap, a Unix socket, a 640 MiB guest), local-cgroup with the eaters in a
+64 MiB memory cgroup as well.
 
 Options:
   --suite S       core, lazy, prefetch, migrate, tls, swap, sync, hang or all (default all, env
@@ -101,6 +103,7 @@ Options:
   --swap-delay-us US  swap suite, remote path: how long the delay line holds the server's replies
                   (default 200)
   --hang-runs N   hang suite: guest boots                   (default 30)
+  --hang-mode M   hang suite: remote, local or local-cgroup (default remote)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
   --check         exit 1 if an acceptance criterion is not met (default: only report it)
   --no-build      do not install packages or build; use $NBD_UMEMD or .build/release/nbd-umemd
@@ -128,6 +131,7 @@ class Options:
         self.mig_mem, self.mig_link, self.mig_keep, self.plot = "192", "200mbit", "30", ""
         self.mig_modes = "precopy,postcopy,file,swap"
         self.swap_ws, self.swap_remote, self.swap_delay_us, self.hang_runs = "256", "", "200", "30"
+        self.hang_mode = "remote"
 
 
 # option -> (attribute, what it needs, accepts --opt=VALUE)
@@ -140,6 +144,7 @@ VALUED = {
     "--plot": ("plot", "a file", False), "--swap-ws": ("swap_ws", "a value", False),
     "--swap-remote": ("swap_remote", "a rate", False), "--swap-delay-us": ("swap_delay_us", "a value", False),
     "--hang-runs": ("hang_runs", "a value", False),
+    "--hang-mode": ("hang_mode", "a value", False),
 }
 FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
 
@@ -189,6 +194,8 @@ def parse(argv):
         die("--suite must be core, lazy, prefetch, migrate, tls, swap, sync, hang or all, got '%s'" % o.suite)
     check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds"),
                      ("swap_ws", 64, 8192, " MiB"), ("swap_delay_us", 0, 1000000, " µs"), ("hang_runs", 1, 1000, "")])
+    if o.hang_mode not in ("remote", "local", "local-cgroup"):
+        die("--hang-mode must be remote, local or local-cgroup, got '%s'" % o.hang_mode)
     if o.swap_remote and not re.fullmatch(r"[0-9]+[kmg]?bit", o.swap_remote):
         die("--swap-remote wants a tc rate such as 1gbit, got '%s'" % o.swap_remote)
     if not re.fullmatch(r"[0-9]+[kmg]?bit", o.mig_link):

@@ -613,8 +613,10 @@ def run_hang(b):
     eater with no cgroup; counts hangs, panics and data errors."""
     o = b.o
     script = os.path.join(ROOT, "Tests/integration/66-swap-hang-guest.sh")
-    env = dict(os.environ, HANG_RUNS=str(o.hang_runs), NBD_UMEMD=b.umemd)
-    log("hang harness: %d boots of the test guest (%s)" % (o.hang_runs, script))
+    topology, cgroup = {"remote": ("remote", 0), "local": ("local", 0), "local-cgroup": ("local", 64)}[o.hang_mode]
+    env = dict(os.environ, HANG_RUNS=str(o.hang_runs), NBD_UMEMD=b.umemd, HANG_TOPOLOGY=topology,
+               HANG_CGROUP=str(cgroup))
+    log("hang harness: %d boots of the test guest, %s (%s)" % (o.hang_runs, o.hang_mode, script))
     t0 = time.monotonic()
     lines = []
     with subprocess.Popen(["bash", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as p:
@@ -628,11 +630,21 @@ def run_hang(b):
     summary = [l for l in lines if "HANG-HARNESS" in l]
     fields = dict(re.findall(r"(\S+)=(\[[^\]]*\]|\S+)", summary[-1])) if summary else {}
     md = o.markdown
-    print("## Remote swap hang harness" if md else "REMOTE SWAP HANG HARNESS")
-    reports.print_env(b.env().rows(("guest", "QEMU TCG, 256 MiB, hung_task_panic=1 softlockup_panic=1 panic=-1; "
-                                              "nbd-client -swap over TCP to this host's nbd-umemd; no memory cgroup"),
-                                   ("runs", "%d boots, each: an eater round of RAM + 100 MiB (write, verify, free), then "
-                                            "swapoff while the owner of the pages on the device is stopped" % o.hang_runs),
+    if topology == "remote":
+        title = "Remote swap hang harness"
+        guest = ("QEMU TCG, 256 MiB, hung_task_panic=1 softlockup_panic=1 panic=-1; "
+                 "nbd-client -swap over TCP to this host's nbd-umemd; no memory cgroup")
+        ram = "RAM"
+    else:
+        title = "Local swap hang harness, %s" % ("eaters in a %d MiB memory cgroup" % cgroup if cgroup else "no cgroup")
+        guest = ("QEMU TCG, 640 MiB, hung_task_panic=1 softlockup_panic=1 panic=-1; nbd-umemd serve --memory 256M "
+                 "--swap inside the guest, nbd-client -unix -swap; %s" % ("eaters in a %d MiB memory cgroup" % cgroup
+                                                                         if cgroup else "no memory cgroup"))
+        ram = "the RAM available with the daemon running"
+    print("## " + title if md else title.upper())
+    reports.print_env(b.env().rows(("guest", guest),
+                                   ("runs", "%d boots, each: an eater round of %s + 100 MiB (write, verify, free), then "
+                                            "swapoff while the owner of the pages on the device is stopped" % (o.hang_runs, ram)),
                                    ("elapsed", "%.1f min" % minutes)), md)
     print()
     for k in ("runs", "ok", "hangs", "panics", "data-errors", "incomplete", "swapoff-s"):
