@@ -38,12 +38,7 @@ ip link set lo up
 nbd-umemd serve --memory "${EXPORT}M" $FLAG --threads 4 --unix /run/s.sock --control /run/s.ctl \
     --pidfile /run/s.pid 2>/run/d.log &
 daemon=$!
-i=0
-while [ ! -s /run/s.pid ]; do
-    kill -0 $daemon 2>/dev/null || bye "the daemon exited during start-up"
-    i=$((i + 1)); [ $i -lt 600 ] || bye "no pidfile after 120 s"
-    sleep 0.2
-done
+wait_daemon $daemon /run/s.pid
 sed 's/^/GUEST daemon: /' /run/d.log
 say "status $(nbd-umemd status --control /run/s.ctl | tr -d ' \n')"
 n=0; bad=0

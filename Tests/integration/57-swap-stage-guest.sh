@@ -161,12 +161,7 @@ t=$(now)
 nbd-umemd serve --source "nbd://10.0.2.2:$PORT" --store /store/s --swap-size "${SWAPMB}M" --swap \
     --control /run/c.ctl --unix /run/s.sock --prefetch off --fetch-size 4K --pidfile /run/s.pid 2>/run/d.log &
 daemon=$!
-i=0
-while [ ! -s /run/s.pid ]; do
-    kill -0 $daemon 2>/dev/null || bye "the daemon exited during start-up"
-    i=$((i + 1)); [ $i -lt 600 ] || bye "no pidfile after 120 s"
-    sleep 0.2
-done
+wait_daemon $daemon /run/s.pid
 say "daemon up after $(since $t) s"
 nbd-client -unix /run/s.sock /dev/nbd0 -b 4096 -swap || bye "nbd-client -unix /run/s.sock /dev/nbd0"
 mkswap /dev/nbd0 >/dev/null || bye "mkswap /dev/nbd0"

@@ -67,12 +67,7 @@ if [ "$TOPOLOGY" = local ]; then
     # the daemon in this kernel's reclaim path, as the Safety notes prescribe: --swap, a Unix socket
     nbd-umemd serve --memory 256M --swap --threads 4 --unix /run/s.sock --pidfile /run/s.pid 2>/run/d.log &
     daemon=$!
-    n=0
-    while [ ! -s /run/s.pid ]; do
-        kill -0 $daemon 2>/dev/null || bye "the daemon exited during start-up: $(cat /run/d.log)"
-        n=$((n + 1)); [ $n -lt 600 ] || bye "no pidfile after 120 s"
-        sleep 0.2
-    done
+    wait_daemon $daemon /run/s.pid /run/d.log
     nbd-client -unix /run/s.sock /dev/nbd0 -b 4096 -swap || bye "nbd-client -unix"
     field=MemAvailable   # what the daemon (its export locked in RAM) leaves to the workload
 else

@@ -199,8 +199,10 @@ _guest_base() {
 }
 
 # _guest_init_preamble: /lib/guest-init.sh, which every test's /init sources first: PATH, /dev
-# (devtmpfs) with the console as stdin/stdout/stderr, /proc, /sys, and two helpers: `say` prints a
-# "GUEST ..." line for the host to grep, `bye` reports a failure and powers off.
+# (devtmpfs) with the console as stdin/stdout/stderr, /proc, /sys, and three helpers: `say` prints a
+# "GUEST ..." line for the host to grep, `bye` reports a failure and powers off, `wait_daemon PID
+# PIDFILE [LOG]` waits up to 120 s for a daemon started in the background to write its pidfile (bye,
+# with LOG, if it exits first or never does).
 _guest_init_preamble() {
     cat <<'PREAMBLE'
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -210,6 +212,14 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 say() { echo "GUEST $*"; }
 bye() { say "FAILED: $*"; poweroff -f; sleep 60; }
+wait_daemon() {
+    _waits=0
+    while [ ! -s "$2" ]; do
+        kill -0 "$1" 2>/dev/null || bye "the daemon exited during start-up${3:+: $(cat "$3")}"
+        _waits=$((_waits + 1)); [ $_waits -lt 600 ] || bye "no pidfile after 120 s${3:+: $(cat "$3")}"
+        sleep 0.2
+    done
+}
 PREAMBLE
 }
 

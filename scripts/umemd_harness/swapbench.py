@@ -636,10 +636,10 @@ def run_hang(b):
                  "nbd-client -swap over TCP to this host's nbd-umemd; no memory cgroup")
         ram = "RAM"
     else:
-        title = "Local swap hang harness, %s" % ("eaters in a %d MiB memory cgroup" % cgroup if cgroup else "no cgroup")
+        confinement = "eaters in a %d MiB memory cgroup" % cgroup if cgroup else "no memory cgroup"
+        title = "Local swap hang harness, " + confinement
         guest = ("QEMU TCG, 640 MiB, hung_task_panic=1 softlockup_panic=1 panic=-1; nbd-umemd serve --memory 256M "
-                 "--swap inside the guest, nbd-client -unix -swap; %s" % ("eaters in a %d MiB memory cgroup" % cgroup
-                                                                         if cgroup else "no memory cgroup"))
+                 "--swap inside the guest, nbd-client -unix -swap; " + confinement)
         ram = "the RAM available with the daemon running"
     print("## " + title if md else title.upper())
     reports.print_env(b.env().rows(("guest", guest),
