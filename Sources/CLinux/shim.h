@@ -65,6 +65,14 @@ static inline int umemd_socket_outq(int fd) {
     return n;
 }
 
+/* A socket's send buffer size (SO_SNDBUF), or -1. */
+static inline int umemd_socket_sndbuf(int fd) {
+    int n = 0;
+    socklen_t len = sizeof n;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &n, &len) != 0) return -1;
+    return n;
+}
+
 /* Bytes received on a socket and not yet read (FIONREAD), or -1. */
 static inline int umemd_socket_inq(int fd) {
     int n = 0;

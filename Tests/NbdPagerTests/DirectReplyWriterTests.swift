@@ -53,13 +53,30 @@ final class DirectReplyWriterTests: XCTestCase {
         writer.close()
     }
 
-    func testRefusesWhileThePeerHasUnreadBytes() throws {
+    func testQueuesBehindUnreadRepliesUntilAQuarterOfTheSendBuffer() throws {
         let writer = try XCTUnwrap(DirectReplyWriter(socket: fds[0]))
+        // Replies the peer has not read yet do not stop the next (a deep queue's replies each go directly).
         XCTAssertTrue(writer.tryWrite(header: buffer([9]), data: buffer([8])))
-        XCTAssertFalse(writer.tryWrite(header: buffer([7]), data: buffer([6])), "the first reply is not read yet")
-        XCTAssertEqual(drain(), [9, 8])
-        XCTAssertTrue(writer.tryWrite(header: buffer([7]), data: buffer([6])))
-        XCTAssertEqual(drain(), [7, 6])
+        XCTAssertTrue(writer.tryWrite(header: buffer([7]), data: buffer([6])), "a small queue leaves room")
+        // Fill the socket's queue past a quarter of its send buffer: no direct write then.
+        var sndbuf: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        XCTAssertEqual(getsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, &len), 0)
+        let filler = [UInt8](repeating: 5, count: Int(sndbuf) / 2)
+        var queued = 0
+        while queued < filler.count {
+            let n = filler.withUnsafeBytes { p in
+                p.baseAddress.map { send(fds[0], $0 + queued, filler.count - queued, Int32(MSG_DONTWAIT)) } ?? -1
+            }
+            if n <= 0 { break }
+            queued += n
+        }
+        XCTAssertFalse(writer.tryWrite(header: buffer([4]), data: buffer([3])), "the queue holds \(queued) bytes")
+        let read = drain()
+        XCTAssertEqual(Array(read.prefix(4)), [9, 8, 7, 6])
+        XCTAssertEqual(read.count, 4 + queued)
+        XCTAssertTrue(writer.tryWrite(header: buffer([4]), data: buffer([3])))
+        XCTAssertEqual(drain(), [4, 3])
         writer.close()
     }
 

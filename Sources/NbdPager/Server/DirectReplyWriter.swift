@@ -12,9 +12,13 @@ import Glibc
 ///
 /// The socket is shared with NIO, so writes never interleave: the event loop counts the writes it has
 /// queued and not yet completed (`willWrite`/`didWrite`) and marks its flushes (`flush`); a direct write
-/// runs under the lock, only while NIO has nothing queued and is not flushing and the peer has read
-/// everything sent so far, only for small replies, and always writes the whole reply before releasing
-/// the lock. The lock is never held while NIO runs (a flush can re-enter the handler).
+/// runs under the lock, only while NIO has nothing queued and is not flushing and the socket's send
+/// queue holds less than a quarter of its buffer (so a small reply never has to wait for room), only
+/// for small replies, and always writes the whole reply before releasing the lock. The lock is never
+/// held while NIO runs (a flush can re-enter the handler).
+///
+/// Several replies may be queued in the socket at once: the pool threads finishing the synchronous
+/// writes of a deep queue each answer their own instead of handing the reply to the event loop.
 final class DirectReplyWriter: @unchecked Sendable {
     /// Replies up to this size (header included) may be written directly.
     static let maxDirectReply = 16 * 1024 + 64
@@ -25,6 +29,9 @@ final class DirectReplyWriter: @unchecked Sendable {
     private let nioPending = ManagedAtomic<Int>(0)
     /// Flushes in progress on the event loop (guarded by `lock`).
     private var flushing = 0
+    /// A direct write needs the socket's send queue below this (bytes, as SIOCOUTQ counts them): a
+    /// quarter of its send buffer, or empty when the buffer is too small for that to leave room.
+    private let queueLimit: Int
 
     /// Nil when the channel does not expose a socket.
     init?(context: ChannelHandlerContext) {
@@ -33,6 +40,7 @@ final class DirectReplyWriter: @unchecked Sendable {
         }
         guard let fd = duplicate, fd >= 0 else { return nil }
         self.fd = fd
+        self.queueLimit = Self.queueLimit(fd)
     }
 
     /// Over a duplicate of `socket` (tests).
@@ -40,6 +48,12 @@ final class DirectReplyWriter: @unchecked Sendable {
         let fd = umemd_dup_cloexec(socket)
         guard fd >= 0 else { return nil }
         self.fd = fd
+        self.queueLimit = Self.queueLimit(fd)
+    }
+
+    private static func queueLimit(_ fd: Int32) -> Int {
+        let buffer = Int(umemd_socket_sndbuf(fd))
+        return buffer >= 8 * maxDirectReply ? buffer / 4 : 1
     }
 
     /// Event loop: a write is about to be queued with NIO.
@@ -60,8 +74,11 @@ final class DirectReplyWriter: @unchecked Sendable {
     func tryWrite(header: ByteBuffer, data: ByteBuffer) -> Bool {
         guard header.readableBytes + data.readableBytes <= Self.maxDirectReply else { return false }
         return lock.withLock {
-            guard fd >= 0, flushing == 0, nioPending.load(ordering: .sequentiallyConsistent) == 0,
-                  umemd_socket_outq(fd) == 0 else {
+            guard fd >= 0, flushing == 0, nioPending.load(ordering: .sequentiallyConsistent) == 0 else {
+                return false
+            }
+            let queued = Int(umemd_socket_outq(fd))
+            guard queued >= 0, queued < queueLimit else {
                 return false
             }
             return header.withUnsafeReadableBytes { h in

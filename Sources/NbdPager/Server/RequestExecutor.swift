@@ -25,7 +25,7 @@ extension RequestTracking {
 ///   of order. Range operations so large that they would stall the event loop always go to the pool.
 /// - A lazy export first makes the range local (`prepare`, pulling absent pages). Its reads of absent
 ///   pages are answered from the pulled data as soon as it arrives (`pendingRead`); a small one on a
-///   quiet connection is written by the thread that received the data (`DirectReplyWriter`), saving
+///   connection whose socket has room is written by the thread that received the data (`DirectReplyWriter`), saving
 ///   the event loop's wake-up on a page fault.
 /// - With structured replies, the all-zero blocks of a read go as OFFSET_HOLE chunks (`ZeroRuns`).
 ///
@@ -175,9 +175,10 @@ final class RequestExecutor<Tracker: RequestTracking> {
 
     private func offload(_ request: NBDRequest, start: NIODeadline, _ body: @escaping @Sendable () throws -> ByteBuffer) {
         tracker?.requestStarted()
-        // The pool thread writes a small reply itself when the connection is quiet (`DirectReplyWriter`):
-        // a synchronous write or flush then answers without waiting for the event loop to wake up
-        // (4 KiB WRITE+FUA at QD1 on ext4: about 35 µs of the 75 by which it trailed nbdkit).
+        // The pool thread writes a small reply itself when NIO has nothing queued and the socket has room
+        // (`DirectReplyWriter`): a synchronous write or flush then answers without waiting for the event
+        // loop to wake up (4 KiB WRITE+FUA at QD1 on ext4: about 35 µs of the 75 by which it trailed
+        // nbdkit), at any queue depth.
         let direct = (tracker?.isClosing ?? true) ? nil : writer.direct
         let sent = ManagedAtomic<Bool>(false)
         export.threadPool.runIfActive(eventLoop: eventLoop) { () throws -> ByteBuffer in
@@ -200,7 +201,7 @@ final class RequestExecutor<Tracker: RequestTracking> {
     }
 
     /// A read of absent pages of a lazy export: its data future, and whether the reply has already been
-    /// written directly by the thread that received the data (small replies on a quiet connection).
+    /// written directly by the thread that received the data (small replies, when the socket has room).
     private func pendingRead(_ request: NBDRequest) -> (future: EventLoopFuture<ByteBuffer>, sent: ManagedAtomic<Bool>)? {
         let sent = ManagedAtomic<Bool>(false)
         var early: (@Sendable (ByteBuffer) -> Void)? = nil
