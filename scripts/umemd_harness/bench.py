@@ -65,8 +65,9 @@ workload in a memory cgroup of a quarter of its working set: fill, sequential ve
 (swap-in latency, idle), mixed reads/writes, a swap-out pass with a reader timing its swap-ins; then
 swapoff of the device holding the workload's pages. Per phase the time, pswpin/pswpout, µs per
 swap-in; server CPU per swap-in; at vm.page-cluster 0 and 3. Beside it the latency floor: 4 KiB
-O_DIRECT reads at QD1 on the loop device (fio psync) of each server and of nbdkit null. Restores
-page-cluster, removes its cgroups, devices and swap on every exit; refuses to run with swap on.
+O_DIRECT reads at QD1 on the loop device (fio psync), every page written first, of each server and
+of nbdkit null. Restores page-cluster, removes its cgroups, devices and swap on every exit; refuses
+to run with swap on.
 
 Sync suite: small synchronous writes on a file export: nbd-umemd --file F against nbdkit file F, F a
 written 256 MiB file on the root file system; 4 KiB WRITE+FUA and WRITE then FLUSH at QD1 and QD8
