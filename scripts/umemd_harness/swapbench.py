@@ -9,8 +9,9 @@ cgroup limited to a quarter of its working set: fill, sequential verify, random 
 timed: idle), mixed reads and writes, and a pure swap-out pass with a reader timing its swap-ins
 beside it; then, with the workload's pages still on the device and the cgroup's limit lifted,
 `swapoff` is timed, and the workload verifies every page once more. At vm.page-cluster 0 and 3.
-Beside it, the latency floor: 4 KiB O_DIRECT reads at QD1 on the attached loop device (fio psync), every
-page written first, of each server and of `nbdkit null`, which does nothing. Rounds rotate the order of the contenders.
+Beside it, the latency floor: 4 KiB O_DIRECT reads at QD1 on the attached loop device (fio psync),
+every page written first, of each server and of `nbdkit null`, which does nothing. Rounds rotate the
+order of the contenders.
 
 The remote case (--swap-remote RATE): the servers run in a network namespace joined to the swapping
 side by a veth pair shaped with tc tbf, a delay line beside the servers (delayproxy.c: this kernel has

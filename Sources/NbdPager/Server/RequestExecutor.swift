@@ -24,9 +24,9 @@ extension RequestTracking {
 ///   a page-cache hit via RWF_NOWAIT); everything else goes to the export's thread pool and replies out
 ///   of order. Range operations so large that they would stall the event loop always go to the pool.
 /// - A lazy export first makes the range local (`prepare`, pulling absent pages). Its reads of absent
-///   pages are answered from the pulled data as soon as it arrives (`pendingRead`); a small one on a
-///   connection whose socket has room is written by the thread that received the data (`DirectReplyWriter`), saving
-///   the event loop's wake-up on a page fault.
+///   pages are answered from the pulled data as soon as it arrives (`pendingRead`); a small one is
+///   written by the thread that received the data while the socket has room (`DirectReplyWriter`),
+///   saving the event loop's wake-up on a page fault.
 /// - With structured replies, the all-zero blocks of a read go as OFFSET_HOLE chunks (`ZeroRuns`).
 ///
 /// Asynchronous requests are reported to `tracker` (`requestStarted`/`requestFinished`) so that the
