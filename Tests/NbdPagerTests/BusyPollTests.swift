@@ -62,15 +62,29 @@ final class BusyPollTests: XCTestCase {
         return (t, polls)
     }
 
+    /// Lone requests until a verdict: each cycle lasts `on` when polling was decided at its start,
+    /// `off` when not. Returns the time of the last request and how many polls started.
+    private func measure(_ p: inout BusyPoll, from start: NIODeadline, on: TimeAmount, off: TimeAmount) -> (NIODeadline, Int) {
+        var t = start, polls = 0
+        if lone(&p, at: t) { polls += 1 }
+        var n = 0
+        while case .measuring = p.phase, n < 10 * BusyPoll.probeCycles {
+            t = t + (p.pollsNow ? on : off)
+            if lone(&p, at: t) { polls += 1 }
+            n += 1
+        }
+        return (t, polls)
+    }
+
     func testPollingStopsWhenItDoesNotShortenTheClientsCycle() {
         // A swap-in through nbdfuse and a loop device: one request every 120 us whether or not the
         // server spins; the spinning only takes a CPU.
         var p = BusyPoll(window: .microseconds(30))
         XCTAssertTrue(lone(&p, at: t0), "a new connection polls")
-        var (t, polls) = cycles(&p, from: t0, count: BusyPoll.probeCycles, cycle: .microseconds(120))
-        XCTAssertEqual(polls, BusyPoll.probeCycles - 1, "polls after each request while measuring with it on")
+        var (t, polls) = cycles(&p, from: t0, count: 2 * BusyPoll.blockCycles - 1, cycle: .microseconds(120))
+        XCTAssertEqual(polls, BusyPoll.blockCycles - 1, "a block of requests polled for, then a block not")
         XCTAssertEqual(p.phase, .measuring(polling: false))
-        (t, polls) = cycles(&p, from: t, count: BusyPoll.probeCycles, cycle: .microseconds(118))
+        (t, polls) = measure(&p, from: t + .microseconds(120), on: .microseconds(120), off: .microseconds(118))
         XCTAssertEqual(p.phase, .holding(polling: false, cycles: 0))
         XCTAssertEqual(p.lastMedians?.on, 120_000)
         XCTAssertEqual(p.lastMedians?.off, 118_000)
@@ -83,27 +97,57 @@ final class BusyPollTests: XCTestCase {
 
     func testPollingIsKeptWhenItShortensTheCycleAndARunningPollStopsOnAVerdictAgainstIt() {
         var p = BusyPoll(window: .microseconds(30))
-        var (t, _) = cycles(&p, from: t0, count: BusyPoll.probeCycles + 1, cycle: .microseconds(20))
-        (t, _) = cycles(&p, from: t, count: BusyPoll.probeCycles, cycle: .microseconds(40))
+        var (t, _) = measure(&p, from: t0, on: .microseconds(20), off: .microseconds(40))
         XCTAssertEqual(p.phase, .holding(polling: true, cycles: 0), "20 against 40 us")
         var polls = 0
         (t, polls) = cycles(&p, from: t, count: 10, cycle: .microseconds(20))
         XCTAssertEqual(polls, 10)
 
         // A gain under the required 5 % is not worth a CPU.
-        var q = BusyPoll(window: .microseconds(30))
-        var u: NIODeadline
-        (u, _) = cycles(&q, from: t0, count: BusyPoll.probeCycles + 1, cycle: .microseconds(97))
-        // A poll is running when the measurement with polling off begins: it stops at its next tick.
+        var q = BusyPoll(window: .microseconds(300))
+        var u = t0
         q.requestParsed(length: 4096)
-        u = u + .microseconds(100)
+        XCTAssertTrue(q.readComplete(inFlight: 0, now: u))
+        // The polls of a block run on into the next request (the window is longer than a cycle)...
+        for _ in 1 ..< BusyPoll.blockCycles {
+            u = u + .microseconds(97)
+            q.requestParsed(length: 4096)
+            XCTAssertFalse(q.readComplete(inFlight: 0, now: u), "a running poll catches it")
+            XCTAssertTrue(q.polling)
+        }
+        // ... and the first request of a block without polling stops the running poll at its next tick.
+        u = u + .microseconds(97)
+        q.requestParsed(length: 4096)
         XCTAssertFalse(q.readComplete(inFlight: 0, now: u))
         XCTAssertEqual(q.phase, .measuring(polling: false))
-        (u, _) = cycles(&q, from: u, count: BusyPoll.probeCycles - 1, cycle: .microseconds(100))
+        XCTAssertFalse(q.tick(closing: false, now: u + .microseconds(1)))
+        XCTAssertFalse(q.polling)
+        (u, _) = measure(&q, from: u + .microseconds(100), on: .microseconds(97), off: .microseconds(100))
         XCTAssertEqual(q.phase, .holding(polling: false, cycles: 0), "97 against 100 us")
         q.requestParsed(length: 4096)
         XCTAssertFalse(q.readComplete(inFlight: 0, now: u + .microseconds(100)))
         _ = t
+    }
+
+    func testBlocksWithAndWithoutPollingAlternateSoThatAChangeOfLoadWeighsOnBoth() {
+        // The client slows down halfway through the measurement (a swapping workload moving to its
+        // next phase). Measured one side after the other, polling would look 40 % faster; in
+        // alternating blocks both sides see both loads, and polling, which changes nothing, stops.
+        var p = BusyPoll(window: .microseconds(30))
+        var t = t0
+        _ = lone(&p, at: t)
+        var n = 0
+        var onCount = 0, offCount = 0
+        while case .measuring = p.phase {
+            if p.pollsNow { onCount += 1 } else { offCount += 1 }
+            t = t + (n < BusyPoll.probeCycles ? .microseconds(300) : .microseconds(500))
+            _ = lone(&p, at: t)
+            n += 1
+        }
+        XCTAssertEqual(onCount, BusyPoll.probeCycles)
+        XCTAssertEqual(offCount, BusyPoll.probeCycles)
+        XCTAssertEqual(p.phase, .holding(polling: false, cycles: 0))
+        XCTAssertEqual(p.lastMedians?.on, p.lastMedians?.off)
     }
 
     func testTheVerdictIsMeasuredAgainAfterItsHold() {

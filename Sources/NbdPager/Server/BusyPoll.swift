@@ -13,15 +13,18 @@ import NIOCore
 /// nbdfuse and a loop device a swap-in comes every 120 µs or so and the spinning takes a CPU the kernel
 /// and FUSE need; on two CPUs even a fast QD1 client can lose by it. So the connection measures: it
 /// times the cycle of a latency-bound client (one lone small request to the next) over `probeCycles`
-/// cycles with polling on, then as many with it off, and keeps polling only if the median cycle with
-/// it is at least `requiredGain` shorter. The verdict holds for `holdCycles` cycles, then both are
-/// measured again, so a change of client or load is followed. Pure bookkeeping; the handler runs the
-/// ticks.
+/// cycles with polling on and as many with it off, in alternating blocks of `blockCycles` (so that a
+/// change of load during the measurement, such as a swapping workload moving from one phase to the
+/// next, weighs on both sides alike), and keeps polling only if the median cycle with it is at least
+/// `requiredGain` shorter. The verdict holds for `holdCycles` cycles, then both are measured again, so
+/// a change of client or load is followed. Pure bookkeeping; the handler runs the ticks.
 struct BusyPoll {
     /// Requests up to this length count as small (a page, not a bulk copy).
     static let requestLimit: UInt32 = 64 * 1024
-    /// Cycles timed with polling on, then with it off, before a verdict.
+    /// Cycles timed with polling on, and as many with it off, before a verdict.
     static let probeCycles = 64
+    /// Lone requests in a row polled for (or not) while measuring, before the other side's turn.
+    static let blockCycles = 8
     /// Cycles a verdict holds before the next measurement.
     static let holdCycles = 4096
     /// Polling is kept when the median cycle with it is at least this much shorter.
@@ -30,7 +33,7 @@ struct BusyPoll {
     static let maxCycle: TimeAmount = .milliseconds(1)
 
     enum Phase: Equatable {
-        /// Timing cycles with polling on (`true`) or off.
+        /// Timing cycles; the current block polls (`true`) or not.
         case measuring(polling: Bool)
         /// A verdict, and the cycles it has held.
         case holding(polling: Bool, cycles: Int)
@@ -46,8 +49,11 @@ struct BusyPoll {
     private var lastRequestAt = NIODeadline.distantPast
     /// When the previous lone small request arrived (distant past: the chain was broken).
     private var lastLoneAt = NIODeadline.distantPast
-    private var cycles: [Int64] = []
-    private var medianOn: Int64 = 0
+    /// The cycles of the current measurement that started with polling on, and with it off.
+    private var onCycles: [Int64] = []
+    private var offCycles: [Int64] = []
+    /// Lone requests seen in the current measurement.
+    private var measured = 0
     /// Requests started since the last read burst completed, and whether each was small.
     private var batchRequests = 0
     private var batchAllSmall = true
@@ -84,6 +90,10 @@ struct BusyPoll {
         // whose requests come rarely, or round-robin over several connections, turns polling off).
         if lastLoneAt != .distantPast { record(cycle: min(t - lastLoneAt, Self.maxCycle)) }
         lastLoneAt = t
+        if case .measuring = phase {
+            phase = .measuring(polling: (measured / Self.blockCycles) % 2 == 0)
+            measured += 1
+        }
         guard pollsNow else { return false }
         lastRequestAt = t
         guard !polling else { return false }
@@ -101,26 +111,35 @@ struct BusyPoll {
         return true
     }
 
-    /// A cycle that ended now counts for the phase that decided whether to poll at its start.
+    /// A cycle that ended now counts for the decision, polling or not, taken at its start.
     private mutating func record(cycle: TimeAmount) {
         switch phase {
         case .holding(let on, let held):
-            phase = held + 1 >= Self.holdCycles ? .measuring(polling: true) : .holding(polling: on, cycles: held + 1)
-        case .measuring(let on):
-            if cycles.capacity < Self.probeCycles { cycles.reserveCapacity(Self.probeCycles) }
-            cycles.append(cycle.nanoseconds)
-            guard cycles.count >= Self.probeCycles else { return }
-            cycles.sort()
-            let median = cycles[cycles.count / 2]
-            cycles.removeAll(keepingCapacity: true)
-            if on {
-                medianOn = median
-                phase = .measuring(polling: false)
+            if held + 1 >= Self.holdCycles {
+                phase = .measuring(polling: true)
+                measured = 0
             } else {
-                lastMedians = (medianOn, median)
-                let pays = Double(medianOn) <= Double(median) * (1 - Self.requiredGain)
-                phase = .holding(polling: pays, cycles: 0)
+                phase = .holding(polling: on, cycles: held + 1)
             }
+        case .measuring(let on):
+            if on {
+                if onCycles.count < Self.probeCycles { onCycles.append(cycle.nanoseconds) }
+            } else if offCycles.count < Self.probeCycles {
+                offCycles.append(cycle.nanoseconds)
+            }
+            guard onCycles.count >= Self.probeCycles, offCycles.count >= Self.probeCycles else { return }
+            let medians = (on: Self.median(&onCycles), off: Self.median(&offCycles))
+            lastMedians = medians
+            let pays = Double(medians.on) <= Double(medians.off) * (1 - Self.requiredGain)
+            phase = .holding(polling: pays, cycles: 0)
         }
+    }
+
+    /// The median of `cycles`, which it empties (keeping their storage).
+    private static func median(_ cycles: inout [Int64]) -> Int64 {
+        cycles.sort()
+        let m = cycles[cycles.count / 2]
+        cycles.removeAll(keepingCapacity: true)
+        return m
     }
 }
