@@ -207,15 +207,18 @@ class SwapBench:
         log_path = os.path.join(d, "%s.log" % tag)
         ns = ["ip", "netns", "exec", self.ns] if self.remote else []
         if kind == "nbd-umemd":
-            # On the remote host the daemon is not in the swapping kernel's reclaim path: no --swap.
+            # --swap on the remote path too: its "host" is a network namespace of the swapping kernel,
+            # whose reclaim (DAMON's pageout scheme here) would otherwise swap the served memory out
+            # to the very device it backs. A run deadlocked that way: the daemon's event loop waited
+            # on the writeback of one of its own shmem pages.
             # --metrics: the daemon's own read latency (arrival to reply) during the swap-out pass.
             self.metrics_port = _free_port()
             self.metrics_host = REMOTE_SERVER if self.remote else "127.0.0.1"
             return Server(kind, ns + [self.b.umemd, "serve", "--memory", self.size, "--unix", sock, "--pidfile", pidfile,
-                                      "--metrics", "%s:%d" % (self.metrics_host, self.metrics_port)]
-                          + ([] if self.remote else ["--swap"]), pidfile, log_path, sock=sock, announce=False, own_session=True)
+                                      "--metrics", "%s:%d" % (self.metrics_host, self.metrics_port), "--swap"],
+                          pidfile, log_path, sock=sock, announce=False, own_session=True)
         if kind in ("nbdkit", "null"):
-            args = ["null", self.size] if kind == "null" else ["memory", self.size] if self.remote else ["--swap", "memory", self.size]
+            args = ["null", self.size] if kind == "null" else ["--swap", "memory", self.size]
             s = Server(kind, ns + ["nbdkit", "-f", "-U", sock, "-P", pidfile] + args, pidfile, log_path, sock=sock)
         elif kind == "nbd-server":
             img = "/dev/shm/nbd-bench-swap-%d.img" % os.getpid()
