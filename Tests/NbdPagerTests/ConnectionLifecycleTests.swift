@@ -1,3 +1,5 @@
+import Atomics
+import Dispatch
 import XCTest
 @testable import NbdPager
 
@@ -190,5 +192,82 @@ final class ConnectionLifecycleTests: XCTestCase {
         while l.unreadInput(4096) == .read { reads += 1 }
         XCTAssertEqual(reads, L.maxShutdownReads)
         XCTAssertEqual(l.state, .closing)
+    }
+
+    /// A finish needs the event loop only when it would do more than lower the count: a held read or
+    /// parse to resume, or a drain to end.
+    func testAFinishIsQuietOnlyWhenItChangesNothingButTheCount() {
+        let rows: [(L.State, Bool)] = [
+            (.handshake(F()), true), (.serving(Self.busy), true), (.serving(F(writable: false)), true),
+            (.serving(F(readHeld: true)), false), (.serving(F(parseHeld: true)), false),
+            (.quiescing(F(), readsLeft: 3), false), (.draining(Self.busy, shuttingDown: false), false),
+            (.closing, false), (.closed, false),
+        ]
+        for (state, quiet) in rows {
+            XCTAssertEqual(L(state: state).finishIsQuiet, quiet, "\(state)")
+        }
+        // Wherever it is quiet, one finish changes the count only.
+        for state in [L.State.handshake(Self.busy), .serving(Self.busy), .serving(F(inFlight: 3, writable: false))] {
+            var l = L(state: state)
+            XCTAssertEqual(l.requestFinished(), .none, "\(state)")
+            XCTAssertEqual(l.inFlight, 2)
+        }
+    }
+
+    /// Finishes counted together act as many single ones: they resume a held parse, or end a drain.
+    func testSeveralFinishesAtOnce() {
+        var l = L(state: .serving(F(inFlight: L.maxInFlight, parseHeld: true)))
+        XCTAssertEqual(l.requestsFinished(5), .parse)
+        XCTAssertEqual(l.inFlight, L.maxInFlight - 5)
+        var d = L(state: .draining(F(inFlight: 4), shuttingDown: false))
+        XCTAssertEqual(d.requestsFinished(3), .none)
+        XCTAssertEqual(d.requestsFinished(1), .closeAfterReplies)
+        XCTAssertEqual(d.state, .closing)
+    }
+}
+
+/// The count of requests answered by pool threads: the event loop is woken only when it is not quiet,
+/// and a count made while it stops being quiet is never lost.
+final class QuietCompletionsTests: XCTestCase {
+    func testALoudConnectionIsWokenAndAQuietOneCountsLater() {
+        let c = QuietCompletions()
+        XCTAssertFalse(c.finishedElsewhere(), "not quiet at first: wake the loop")
+        XCTAssertEqual(c.take(), 1)
+        XCTAssertFalse(c.setQuiet(true))
+        XCTAssertTrue(c.finishedElsewhere())
+        XCTAssertTrue(c.finishedElsewhere())
+        XCTAssertEqual(c.take(), 2)
+        XCTAssertEqual(c.take(), 0)
+        XCTAssertTrue(c.finishedElsewhere())
+        XCTAssertTrue(c.setQuiet(false), "stops being quiet with a count waiting: take it")
+        XCTAssertFalse(c.setQuiet(false), "no change")
+        XCTAssertEqual(c.take(), 1)
+        XCTAssertFalse(c.setQuiet(true))
+        XCTAssertFalse(c.setQuiet(false), "nothing waiting")
+    }
+
+    /// Threads finishing while the loop flips between quiet and not: every finish is taken exactly
+    /// once, and each one made while the loop was not quiet asked for a wake-up.
+    func testNoFinishIsLostAcrossThreads() {
+        let c = QuietCompletions()
+        let perThread = 20_000, threads = 4
+        let done = DispatchGroup()
+        let woken = ManagedAtomic<Int>(0)
+        for _ in 0 ..< threads {
+            DispatchQueue.global().async(group: done) {
+                for _ in 0 ..< perThread where !c.finishedElsewhere() { woken.wrappingIncrement(ordering: .relaxed) }
+            }
+        }
+        var taken = 0
+        var quiet = false
+        while done.wait(timeout: .now()) == .timedOut {
+            quiet.toggle()
+            _ = c.setQuiet(quiet)
+            taken += c.take()
+        }
+        _ = c.setQuiet(false)
+        taken += c.take()
+        XCTAssertEqual(taken, perThread * threads)
+        XCTAssertGreaterThan(woken.load(ordering: .relaxed), 0)
     }
 }

@@ -125,6 +125,17 @@ public struct ConnectionLifecycle: Sendable, Equatable {
 
     public var inFlight: Int { flow?.inFlight ?? 0 }
 
+    /// A request finishing now would change nothing but the count: the connection is handshaking or
+    /// serving with no read or parse held back. While this holds, a request answered by another thread
+    /// need not wake the event loop to say so (`QuietCompletions`): a count that lags only holds
+    /// reading back sooner, which makes it stop holding.
+    public var finishIsQuiet: Bool {
+        switch state {
+        case .handshake(let f), .serving(let f): return !f.readHeld && !f.parseHeld
+        case .quiescing, .draining, .closing, .closed: return false
+        }
+    }
+
     var flow: Flow? {
         switch state {
         case .handshake(let f), .serving(let f), .quiescing(let f, _), .draining(let f, _): return f
@@ -184,7 +195,12 @@ public struct ConnectionLifecycle: Sendable, Equatable {
     }
 
     public mutating func requestFinished() -> Action {
-        updateFlow { $0.inFlight -= 1 }
+        requestsFinished(1)
+    }
+
+    /// `count` requests finished (counted together when their replies were written by other threads).
+    public mutating func requestsFinished(_ count: Int) -> Action {
+        updateFlow { $0.inFlight -= count }
         return resume()
     }
 

@@ -23,7 +23,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     static let tlsUnixSendBuffer: SocketOptionValue = 4 << 20
 
     private var machine: NBDServerStateMachine
-    private var lifecycle = ConnectionLifecycle()
+    private var lifecycle = ConnectionLifecycle() {
+        didSet { quietChanged() }
+    }
+    /// Requests answered by pool threads, counted without waking this loop while that changes nothing.
+    let completions: QuietCompletions? = QuietCompletions()
     private var poll: BusyPoll
     private let exports: [String: Export]
     private let tracker: ConnectionTracker
@@ -149,6 +153,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
         guard lifecycle.bytesReceived(), !machine.isClosed else { return }
+        collectFinished()
         if var c = cumulation {
             cumulation = nil  // keep the storage uniquely referenced while appending
             c.writeBuffer(&incoming)
@@ -162,6 +167,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         writer?.flushIfNeeded()
+        collectFinished()
         // No busy poll over TLS: each request costs more CPU there, and spinning takes it from the
         // client and the TLS work (QD1 p50 44 us with the poll, 30 us without; nbdkit 30 us).
         if !machine.isTLSActive, poll.readComplete(inFlight: lifecycle.inFlight, now: .now()) { startPolling(context) }
@@ -190,6 +196,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler, RequestTracking {
     }
 
     var isClosing: Bool { lifecycle.isClosing }
+
+    func collectFinished() {
+        guard let n = completions?.take(), n > 0 else { return }
+        let action = lifecycle.requestsFinished(n)
+        if action != .none, let context = writer?.context { act(action, context) }
+    }
+
+    /// The lifecycle changed: tell pool threads whether a finish may go uncounted for now, and take
+    /// the count if it may no longer.
+    private func quietChanged() {
+        guard let completions, completions.setQuiet(lifecycle.finishIsQuiet), let loop = writer?.context.eventLoop else {
+            return
+        }
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        loop.execute { bound.value.collectFinished() }
+    }
 
     var mayBlockEventLoop: Bool {
         guard lifecycle.inFlight == 0, (cumulation?.readableBytes ?? 0) == 0, let loop = writer?.context.eventLoop else {

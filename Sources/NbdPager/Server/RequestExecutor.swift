@@ -12,10 +12,17 @@ protocol RequestTracking: AnyObject {
     /// The request about to run may block the event loop (storage that can wait on a disk): nothing
     /// else of this connection is in flight or buffered, and no other connection shares its loop.
     var mayBlockEventLoop: Bool { get }
+    /// Where pool threads count the requests they finished and answered themselves; nil when each
+    /// finish is to be reported with `requestFinished` on the event loop.
+    var completions: QuietCompletions? { get }
+    /// Event loop: takes the count of `completions` (it was not quiet when a request finished).
+    func collectFinished()
 }
 
 extension RequestTracking {
     var mayBlockEventLoop: Bool { false }
+    var completions: QuietCompletions? { nil }
+    func collectFinished() {}
 }
 
 /// Runs the requests of one connection against its export and writes their replies.
@@ -178,25 +185,41 @@ final class RequestExecutor<Tracker: RequestTracking> {
         // The pool thread writes a small reply itself when NIO has nothing queued and the socket has room
         // (`DirectReplyWriter`): a synchronous write or flush then answers without waiting for the event
         // loop to wake up (4 KiB WRITE+FUA at QD1 on ext4: about 35 µs of the 75 by which it trailed
-        // nbdkit), at any queue depth.
+        // nbdkit), at any queue depth. Having answered, it does not wake the event loop either unless
+        // the connection needs to hear of it now (`QuietCompletions`).
         let direct = (tracker?.isClosing ?? true) ? nil : writer.direct
-        let sent = ManagedAtomic<Bool>(false)
-        export.threadPool.runIfActive(eventLoop: eventLoop) { () throws -> ByteBuffer in
-            let reply = try body()
-            if let direct, direct.tryWrite(header: reply, data: ByteBuffer()) {
-                sent.store(true, ordering: .sequentiallyConsistent)
+        let completions = direct == nil ? nil : tracker?.completions
+        let stats = export.stats
+        let eventLoop = self.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        export.threadPool.submit { state in
+            let result: Result<ByteBuffer, any Error> = state == .active
+                ? Result(catching: body) : .failure(NIOThreadPoolError.ThreadPoolInactive())
+            if case .success(let reply) = result, let direct, direct.tryWrite(header: reply, data: ByteBuffer()) {
+                stats.record(request.command, length: request.length,
+                             nanoseconds: (NIODeadline.now() - start).nanoseconds, failed: false)
+                if let completions {
+                    if !completions.finishedElsewhere() {
+                        eventLoop.execute { bound.value.tracker?.collectFinished() }
+                    }
+                } else {
+                    eventLoop.execute { bound.value.finished() }
+                }
+                return
             }
-            return reply
-        }.assumeIsolated().whenComplete { result in
-            switch result {
-            case .success(let reply):
-                if !sent.load(ordering: .sequentiallyConsistent) { self.writer.send(reply) }
-                self.record(request, start, failed: false)
-            case .failure(let error):
-                self.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
-                self.record(request, start, failed: true)
+            // A stopped pool runs this at once on the event loop: answer there and then.
+            eventLoop.executeOrRun {
+                let executor = bound.value
+                switch result {
+                case .success(let reply):
+                    executor.writer.send(reply)
+                    executor.record(request, start, failed: false)
+                case .failure(let error):
+                    executor.writer.sendError(NBDErrno(error), cookie: request.cookie, message: "\(error)")
+                    executor.record(request, start, failed: true)
+                }
+                executor.finished()
             }
-            self.finished()
         }
     }
 
@@ -296,5 +319,12 @@ final class RequestExecutor<Tracker: RequestTracking> {
             b.writeSimpleReply(error: .ok, cookie: cookie)
             return b
         }
+    }
+}
+
+extension EventLoop {
+    /// Runs `body` now when called on this loop, else queues it there.
+    fileprivate func executeOrRun(_ body: @escaping @Sendable () -> Void) {
+        if inEventLoop { body() } else { execute(body) }
     }
 }
