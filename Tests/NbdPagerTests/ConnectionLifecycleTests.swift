@@ -247,7 +247,7 @@ final class QuietCompletionsTests: XCTestCase {
     }
 
     /// Threads finishing while the loop flips between quiet and not: every finish is taken exactly
-    /// once, and each one made while the loop was not quiet asked for a wake-up.
+    /// once, whether it was made while the loop was quiet or asked for a wake-up.
     func testNoFinishIsLostAcrossThreads() {
         let c = QuietCompletions()
         let perThread = 20_000, threads = 4
