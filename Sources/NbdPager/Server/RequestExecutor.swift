@@ -57,8 +57,7 @@ final class RequestExecutor<Tracker: RequestTracking> {
 
     /// Counts a request answered (or failed) now, `start` being when it arrived.
     private func record(_ request: NBDRequest, _ start: NIODeadline, failed: Bool) {
-        export.stats.record(request.command, length: request.length,
-                            nanoseconds: (NIODeadline.now() - start).nanoseconds, failed: failed)
+        export.stats.record(request, since: start, failed: failed)
     }
 
     func run(_ request: NBDRequest, payload: ByteBuffer?) {
@@ -196,8 +195,7 @@ final class RequestExecutor<Tracker: RequestTracking> {
             let result: Result<ByteBuffer, any Error> = state == .active
                 ? Result(catching: body) : .failure(NIOThreadPoolError.ThreadPoolInactive())
             if case .success(let reply) = result, let direct, direct.tryWrite(header: reply, data: ByteBuffer()) {
-                stats.record(request.command, length: request.length,
-                             nanoseconds: (NIODeadline.now() - start).nanoseconds, failed: false)
+                stats.record(request, since: start, failed: false)
                 if let completions {
                     if !completions.finishedElsewhere() {
                         eventLoop.execute { bound.value.tracker?.collectFinished() }
@@ -319,6 +317,14 @@ final class RequestExecutor<Tracker: RequestTracking> {
             b.writeSimpleReply(error: .ok, cookie: cookie)
             return b
         }
+    }
+}
+
+extension RequestStats {
+    /// Counts `request`, answered (or failed) now, `start` being when it arrived. Any thread.
+    fileprivate func record(_ request: NBDRequest, since start: NIODeadline, failed: Bool) {
+        record(request.command, length: request.length, nanoseconds: (NIODeadline.now() - start).nanoseconds,
+               failed: failed)
     }
 }
 
