@@ -9,9 +9,10 @@ cgroup limited to a quarter of its working set: fill, sequential verify, random 
 timed: idle), mixed reads and writes, and a pure swap-out pass with a reader timing its swap-ins
 beside it; then, with the workload's pages still on the device and the cgroup's limit lifted,
 `swapoff` is timed, and the workload verifies every page once more. At vm.page-cluster 0 and 3.
-Beside it, the latency floor: 4 KiB O_DIRECT reads at QD1 on the attached loop device (fio psync),
-every page written first, of each server and of `nbdkit null`, which does nothing. Rounds rotate the
-order of the contenders.
+The same workload also runs on a swap device with no server at all ("kernel"): a loop device over a
+file in /dev/shm, the floor of what the kernel's swap path costs by itself. Beside it, the latency
+floor: 4 KiB O_DIRECT reads at QD1 on the attached loop device (fio psync), every page written first,
+of each server and of `nbdkit null`, which does nothing. Rounds rotate the order of the contenders.
 
 The remote case (--swap-remote RATE): the servers run in a network namespace joined to the swapping
 side by a veth pair shaped with tc tbf, a delay line beside the servers (delayproxy.c: this kernel has
@@ -35,6 +36,8 @@ from .common import PYTHON, ROOT, Fatal, die, log, read_text
 from .servers import Server, Servers, nbdkit_server, stop_pid
 
 CONTENDERS = ["nbd-umemd", "nbdkit", "nbd-server"]
+# "kernel": no server; swap on a loop device over a file in /dev/shm (not a contender: the floor)
+SWAP_RUNS = CONTENDERS + ["kernel"]
 QD1_CONTENDERS = ["null"] + CONTENDERS
 PHASES = ["fill", "seq", "rand", "mixed", "write"]
 CG_ROOT = "/sys/fs/cgroup/memory"
@@ -140,9 +143,10 @@ class SwapBench:
         self.dir = os.path.join(b.work, "swap")
         os.makedirs(self.dir, exist_ok=True)
         self.devices = []       # attached by us, detached on every exit
+        self.loops = []         # the kernel floor's loop devices, likewise
         self.cgroups = []
         self.ns = "umemd-swsrv-%d" % os.getpid()
-        self.imgs = []          # nbd-server's image files in /dev/shm
+        self.imgs = []          # nbd-server's and the kernel floor's image files in /dev/shm
         self.page_cluster = read_text(PAGE_CLUSTER).strip()
         self.ws = self.o.swap_ws
         self.size = "%dM" % max(1024, 4 * self.ws)
@@ -189,6 +193,10 @@ class SwapBench:
             subprocess.run([os.path.join(ROOT, "scripts/swap-off"), dev], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
             self.devices.remove(dev)
+        for dev in list(self.loops):
+            subprocess.run(["swapoff", dev], stderr=subprocess.DEVNULL)
+            subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
+            self.loops.remove(dev)
         for cg in list(self.cgroups):
             self.remove_cgroup(cg)
         self.drop_images()
@@ -301,6 +309,8 @@ class SwapBench:
     # ---- one swap run ---------------------------------------------------------------------------
     def swap_run(self, kind, pc, rnd):
         tag = "%s-pc%d-%d" % (kind, pc, rnd)
+        if kind == "kernel":
+            return self.kernel_run(pc, rnd)
         try:
             with Servers() as servers:
                 srv = servers.start(self.server(kind, tag))
@@ -317,9 +327,38 @@ class SwapBench:
                r["swapoff_s"], r["held_mib"], r["cpu_s"], r["pswpin"], r["pswpout"], r["errors"]))
         return r
 
+    def kernel_run(self, pc, rnd):
+        """The workload with swap on a loop device over a file in /dev/shm: no FUSE, no NBD, no server
+        (tmpfs has no O_DIRECT, so the loop device goes through its page cache)."""
+        img = "/dev/shm/nbd-bench-swap-kernel-%d.img" % os.getpid()
+        with open(img, "w") as f:
+            f.truncate(int(self.size[:-1]) << 20)
+        self.imgs.append(img)
+        try:
+            dev = _run(["losetup", "-f", "--show", "--sector-size", "4096", img]).strip()
+            self.loops.append(dev)
+            try:
+                _run(["mkswap", dev])
+                _run(["swapon", "-p", "32000", dev])
+                with self.cgroup((self.ws << 20) // 4) as cg:
+                    with open(PAGE_CLUSTER, "w") as f:
+                        f.write(str(pc))
+                    r = self.workload("kernel", pc, rnd, None, dev, cg)
+            finally:
+                subprocess.run(["swapoff", dev], stderr=subprocess.DEVNULL)
+                subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
+                self.loops.remove(dev)
+        finally:
+            self.drop_images()
+        log("  %-10s pc=%d: %s; swapoff %.2f s (%.0f MiB), %d in / %d out; errors %d"
+            % ("kernel", pc, ", ".join("%s %.2f s" % (n, r["phases"][n]["seconds"]) for n in PHASES if n in r["phases"]),
+               r["swapoff_s"], r["held_mib"], r["pswpin"], r["pswpout"], r["errors"]))
+        return r
+
     def workload(self, kind, pc, rnd, srv, dev, cg):
-        """swapwork in cgroup CG swapping to DEV; swapoff timed while it holds its pages."""
-        cpu0 = cpu_tree(srv.pid)
+        """swapwork in cgroup CG swapping to DEV; swapoff timed while it holds its pages. SRV None: no
+        server (the kernel floor)."""
+        cpu0 = cpu_tree(srv.pid) if srv else 0.0
         in0, out0 = vmstat()
         work = subprocess.Popen(["sh", "-c", 'echo $$ >"$1/cgroup.procs" && exec "$2" "$3" "$4"', "sh", cg,
                                  self.work_bin, str(self.ws), str(rnd * 7919 + pc)],
@@ -357,7 +396,7 @@ class SwapBench:
             phases["write"]["daemon_p99_us"] = _hist_quantile(hist["mixed"], hist["write"], 0.99)
             phases["write"]["daemon_reads"] = hist["write"][-1][1] - hist["mixed"][-1][1]
         return {"phases": phases, "held_mib": held / 1024.0, "swapoff_s": swapoff, "swapoff_in": s_in1 - s_in0,
-                "cpu_s": cpu_tree(srv.pid) - cpu0, "pswpin": in1 - in0, "pswpout": out1 - out0, "errors": errors}
+                "cpu_s": (cpu_tree(srv.pid) - cpu0) if srv else 0.0, "pswpin": in1 - in0, "pswpout": out1 - out0, "errors": errors}
 
     def read_histogram(self):
         """nbd-umemd's read latency histogram: [(upper bound in µs, cumulative count)], +Inf last."""
@@ -406,7 +445,7 @@ class SwapBench:
     def run(self):
         o = self.o
         swaps, qd1 = {}, {}
-        n = o.rounds * (len(QD1_CONTENDERS) + 2 * len(CONTENDERS))
+        n = o.rounds * (len(QD1_CONTENDERS) + 2 * len(SWAP_RUNS))
         log("swap suite: %d rounds, working set %d MiB in a %d MiB cgroup, device %s; %d runs"
             % (o.rounds, self.ws, self.ws // 4, self.size, n))
         for rnd in range(1, o.rounds + 1):
@@ -415,8 +454,8 @@ class SwapBench:
             for kind in QD1_CONTENDERS[k:] + QD1_CONTENDERS[:k]:
                 qd1.setdefault(kind, []).append(self.qd1_run(kind, rnd))
             for pc in (0, 3):
-                k = (rnd - 1) % len(CONTENDERS)
-                for kind in CONTENDERS[k:] + CONTENDERS[:k]:
+                k = (rnd - 1) % len(SWAP_RUNS)
+                for kind in SWAP_RUNS[k:] + SWAP_RUNS[:k]:
                     swaps.setdefault((pc, kind), []).append(self.swap_run(kind, pc, rnd))
         return report(swaps, qd1, self, o.markdown)
 
@@ -459,10 +498,14 @@ def _metric(r, key):
         return ph["rand"]["p%s_us" % key[-2:]]
     if key in ("busy_p50", "busy_p99"):
         return ph["write"]["p%s_us" % key[-2:]]
+    if key == "busy/idle":
+        return ph["write"]["p99_us"] / ph["rand"]["p99_us"]
     if key.startswith("psi:"):
         return ph[key[4:]].get("psi_some_ms")
     if key == "daemon_p99":
         return ph["write"].get("daemon_p99_us")
+    if key in ("cpu/in", "cpu") and r["cpu_s"] == 0.0:
+        return None   # no server (the kernel floor)
     if key == "cpu/in":
         return r["cpu_s"] * 1e6 / max(1, r["pswpin"])
     if key == "cpu":
@@ -478,6 +521,7 @@ ROWS = [
     ("us/in:swapoff", "µs per swap-in, swapoff", "%.1f"),
     ("idle_p50", "swap-in p50, idle (µs)", "%.0f"), ("idle_p99", "swap-in p99, idle (µs)", "%.0f"),
     ("busy_p50", "swap-in p50 during swap-out (µs)", "%.0f"), ("busy_p99", "swap-in p99 during swap-out (µs)", "%.0f"),
+    ("busy/idle", "swap-in p99 during swap-out / idle p99", "%.1f"),
     ("daemon_p99", "daemon's read p99 during swap-out, bucket bound (µs)", "%.0f"),
     ("psi:rand", "memory stall (PSI some) in random verify (ms)", "%.0f"),
     ("psi:write", "memory stall (PSI some) in the swap-out pass (ms)", "%.0f"),
@@ -501,13 +545,15 @@ def report(swaps, qd1, sb, markdown):
     for pc in (0, 3):
         print()
         print(("### vm.page-cluster %d" if markdown else "vm.page-cluster %d") % pc)
-        header = ["medians"] + CONTENDERS + ["nbd-umemd / best peer"]
+        header = ["medians"] + CONTENDERS + ["nbd-umemd / best peer", "no server (loop on /dev/shm)"]
         rows = []
         for key, label, fmt in ROWS:
             meds = [_median([_metric(r, key) for r in swaps[(pc, k)]]) for k in CONTENDERS]
+            floor = _median([_metric(r, key) for r in swaps[(pc, "kernel")]])
             best = min(meds[1:])
             show = lambda v, f: "-" if v != v else f % v   # NaN: no value (the peers have no such metric)
-            rows.append([label] + [show(m, fmt) for m in meds] + [show(meds[0] / best, "%.3f") if best else "-"])
+            rows.append([label] + [show(m, fmt) for m in meds] + [show(meds[0] / best, "%.3f") if best else "-",
+                                                                   show(floor, fmt)])
             if key in CRITERIA_KEYS:
                 peer = CONTENDERS[1 + meds[1:].index(best)]
                 spread = _spread([_metric(r, key) for r in swaps[(pc, peer)]])
@@ -519,7 +565,9 @@ def report(swaps, qd1, sb, markdown):
         criteria.append(("page-cluster %d CPU per swap-in at most nbdkit's" % pc, cpu[0] <= cpu[1], cpu[0] / cpu[1]))
         busy = _median([_metric(r, "busy_p99") for r in swaps[(pc, "nbd-umemd")]])
         idle = _median([_metric(r, "idle_p99") for r in swaps[(pc, "nbd-umemd")]])
-        criteria.append(("page-cluster %d swap-in p99 during swap-out at most 2x idle" % pc, busy <= 2 * idle, busy / idle))
+        kernel = _median([_metric(r, "busy/idle") for r in swaps[(pc, "kernel")]])
+        criteria.append(("page-cluster %d swap-in p99 during swap-out at most 2x idle (with no server at all: %.1fx)"
+                         % (pc, kernel), busy <= 2 * idle, busy / idle))
     print()
     print("### Latency floor: 4 KiB O_DIRECT reads at QD1 on the loop device" if markdown else
           "LATENCY FLOOR: 4 KiB O_DIRECT reads at QD1 on the loop device")
