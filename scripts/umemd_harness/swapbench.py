@@ -396,7 +396,7 @@ class SwapBench:
             phases["write"]["daemon_p99_us"] = _hist_quantile(hist["mixed"], hist["write"], 0.99)
             phases["write"]["daemon_reads"] = hist["write"][-1][1] - hist["mixed"][-1][1]
         return {"phases": phases, "held_mib": held / 1024.0, "swapoff_s": swapoff, "swapoff_in": s_in1 - s_in0,
-                "cpu_s": (cpu_tree(srv.pid) - cpu0) if srv else 0.0, "pswpin": in1 - in0, "pswpout": out1 - out0, "errors": errors}
+                "cpu_s": (cpu_tree(srv.pid) - cpu0) if srv else None, "pswpin": in1 - in0, "pswpout": out1 - out0, "errors": errors}
 
     def read_histogram(self):
         """nbd-umemd's read latency histogram: [(upper bound in µs, cumulative count)], +Inf last."""
@@ -504,7 +504,7 @@ def _metric(r, key):
         return ph[key[4:]].get("psi_some_ms")
     if key == "daemon_p99":
         return ph["write"].get("daemon_p99_us")
-    if key in ("cpu/in", "cpu") and r["cpu_s"] == 0.0:
+    if key in ("cpu/in", "cpu") and r["cpu_s"] is None:
         return None   # no server (the kernel floor)
     if key == "cpu/in":
         return r["cpu_s"] * 1e6 / max(1, r["pswpin"])
