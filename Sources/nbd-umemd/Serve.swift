@@ -138,6 +138,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Threads for blocking storage I/O.", valueName: "n"))
     var threads: Int = 16
 
+    @Option(name: .long, help: ArgumentHelp("Event loops serving the connections (default: one per core).", valueName: "n"))
+    var eventLoops: Int?
+
     @Option(name: .long, help: ArgumentHelp("After a lone small request, keep polling the connection up to this many microseconds before sleeping, while the connection measures that polling shortens its client's request cycle (it re-measures every 4096 cycles); 0 disables. TLS connections never poll.", valueName: "us"))
     var pollUs: Int = 30
 
@@ -178,6 +181,7 @@ struct Serve: ParsableCommand {
         if let port, !(0...65535).contains(port) { throw ValidationError("--port \(port) is out of range 0-65535") }
         if !(0...10_000).contains(pollUs) { throw ValidationError("--poll-us must be between 0 and 10000") }
         if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
+        if let eventLoops, !(1...256).contains(eventLoops) { throw ValidationError("--event-loops must be between 1 and 256") }
         guard let tlsMode = TLSSettings.Mode(rawValue: tls) else {
             throw ValidationError("--tls must be off, on or require, got '\(tls)'")
         }
@@ -282,6 +286,7 @@ struct Serve: ParsableCommand {
         c.pidfile = pidfile
         c.swap = swap
         c.threads = threads
+        if let eventLoops { c.eventLoops = eventLoops }
         c.pollWindow = .microseconds(Int64(pollUs))
         if let mode = TLSSettings.Mode(rawValue: tls), mode != .off {
             let credentials: TLSSettings.Credentials? = tlsPsk.map { .psk(file: $0) }

@@ -239,5 +239,8 @@ final class DaemonTests: XCTestCase {
         XCTAssertThrowsError(try DaemonConfiguration(exports: [.init(name: "", kind: lazy)], listeners: [.unix(path: "/x")]).validate(),
                              "a gated export needs a control socket")
         XCTAssertNoThrow(try DaemonConfiguration(exports: [ram], listeners: [.unix(path: "/x")]).validate())
+        var none = DaemonConfiguration(exports: [ram], listeners: [.unix(path: "/x")])
+        none.eventLoops = 0
+        XCTAssertThrowsError(try none.validate(), "no event loop")
     }
 }

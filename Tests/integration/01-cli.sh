@@ -36,6 +36,7 @@ expect_bad "unknown option" serve --memory 1M --no-such-option --unix "$S" --pid
 expect_bad "port out of range" serve --memory 1M --port 99999 --pidfile "$P"
 expect_bad "min block size not a power of two" serve --memory 1M --min-block-size 1000 --unix "$S" --pidfile "$P"
 expect_bad "missing option value" serve --memory
+expect_bad "no event loop" serve --memory 1M --event-loops 0 --unix "$S" --pidfile "$P"
 
 # --help
 rc=0; "$NBD_UMEMD" --help >"$T/help.txt" 2>&1 || rc=$?
@@ -60,6 +61,14 @@ for spec in 4096:4096 64K:65536 512M:536870912 2G:2147483648; do
     stop_server_ok "sz$arg"
     say "ok: --memory $arg = $got bytes"
 done
+
+# --event-loops N runs N event-loop threads.
+serve_unix loops --memory 1M --event-loops 3
+n=$(for t in /proc/"$(cat "$T/loops.pid")"/task/*; do cat "$t/comm"; done | grep -c '^NIO-ELT' || true)
+assert_eq "event-loop threads with --event-loops 3" 3 "$n"
+assert_eq "size through 3 event loops" 1048576 "$(tmo 30 nbdinfo --size "$(uri loops)")"
+stop_server_ok loops
+say "ok: --event-loops 3 runs 3 event loops"
 
 # --file size is the file's size.
 truncate -s 3M "$T/disk.img"
