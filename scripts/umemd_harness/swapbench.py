@@ -194,9 +194,7 @@ class SwapBench:
                            stderr=subprocess.DEVNULL)
             self.devices.remove(dev)
         for dev in list(self.loops):
-            subprocess.run(["swapoff", dev], stderr=subprocess.DEVNULL)
-            subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
-            self.loops.remove(dev)
+            self.release_loop(dev)
         for cg in list(self.cgroups):
             self.remove_cgroup(cg)
         self.drop_images()
@@ -308,9 +306,16 @@ class SwapBench:
 
     # ---- one swap run ---------------------------------------------------------------------------
     def swap_run(self, kind, pc, rnd):
+        r = self.kernel_run(pc, rnd) if kind == "kernel" else self.server_run(kind, pc, rnd)
+        cpu = "" if r["cpu_s"] is None else "; server CPU %.2f s" % r["cpu_s"]
+        log("  %-10s pc=%d: %s; swapoff %.2f s (%.0f MiB)%s, %d in / %d out; errors %d"
+            % (kind, pc, ", ".join("%s %.2f s" % (n, r["phases"][n]["seconds"]) for n in PHASES if n in r["phases"]),
+               r["swapoff_s"], r["held_mib"], cpu, r["pswpin"], r["pswpout"], r["errors"]))
+        return r
+
+    def server_run(self, kind, pc, rnd):
+        """The workload swapping to a server of KIND, attached by scripts/swap-on."""
         tag = "%s-pc%d-%d" % (kind, pc, rnd)
-        if kind == "kernel":
-            return self.kernel_run(pc, rnd)
         try:
             with Servers() as servers:
                 srv = servers.start(self.server(kind, tag))
@@ -322,9 +327,6 @@ class SwapBench:
                 servers.stop(srv)
         finally:
             self.drop_images()
-        log("  %-10s pc=%d: %s; swapoff %.2f s (%.0f MiB); server CPU %.2f s, %d in / %d out; errors %d"
-            % (kind, pc, ", ".join("%s %.2f s" % (n, r["phases"][n]["seconds"]) for n in PHASES if n in r["phases"]),
-               r["swapoff_s"], r["held_mib"], r["cpu_s"], r["pswpin"], r["pswpout"], r["errors"]))
         return r
 
     def kernel_run(self, pc, rnd):
@@ -345,15 +347,16 @@ class SwapBench:
                         f.write(str(pc))
                     r = self.workload("kernel", pc, rnd, None, dev, cg)
             finally:
-                subprocess.run(["swapoff", dev], stderr=subprocess.DEVNULL)
-                subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
-                self.loops.remove(dev)
+                self.release_loop(dev)
         finally:
             self.drop_images()
-        log("  %-10s pc=%d: %s; swapoff %.2f s (%.0f MiB), %d in / %d out; errors %d"
-            % ("kernel", pc, ", ".join("%s %.2f s" % (n, r["phases"][n]["seconds"]) for n in PHASES if n in r["phases"]),
-               r["swapoff_s"], r["held_mib"], r["pswpin"], r["pswpout"], r["errors"]))
         return r
+
+    def release_loop(self, dev):
+        """Swaps off and detaches one of the kernel floor's loop devices."""
+        subprocess.run(["swapoff", dev], stderr=subprocess.DEVNULL)
+        subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
+        self.loops.remove(dev)
 
     def workload(self, kind, pc, rnd, srv, dev, cg):
         """swapwork in cgroup CG swapping to DEV; swapoff timed while it holds its pages. SRV None: no
