@@ -103,6 +103,8 @@ Options:
                   the server's side (delayproxy.c; this kernel has no netem)
   --swap-delay-us US  swap suite, remote path: how long the delay line holds the server's replies
                   (default 200)
+  --halt-poll-ns NS   swap suite: how long an idle vCPU polls before it halts, for the run (the guest
+                  haltpoll driver's guest_halt_poll_ns; restored after; default: leave it as it is)
   --hang-runs N   hang suite: guest boots                   (default 30)
   --hang-mode M   hang suite: remote, local or local-cgroup (default remote)
   --markdown      print the report as Markdown (for BENCHMARKS.md)
@@ -133,6 +135,7 @@ class Options:
         self.mig_modes = "precopy,postcopy,file,swap"
         self.swap_ws, self.swap_remote, self.swap_delay_us, self.hang_runs = "256", "", "200", "30"
         self.hang_mode = "remote"
+        self.halt_poll_ns = None
 
 
 # option -> (attribute, what it needs, accepts --opt=VALUE)
@@ -146,6 +149,7 @@ VALUED = {
     "--swap-remote": ("swap_remote", "a rate", False), "--swap-delay-us": ("swap_delay_us", "a value", False),
     "--hang-runs": ("hang_runs", "a value", False),
     "--hang-mode": ("hang_mode", "a value", False),
+    "--halt-poll-ns": ("halt_poll_ns", "a value", False),
 }
 FLAGS = {"--markdown": ("markdown", True), "--check": ("check", True), "--no-build": ("build", False), "--aa": ("aa", True)}
 
@@ -195,6 +199,11 @@ def parse(argv):
         die("--suite must be core, lazy, prefetch, migrate, tls, swap, sync, hang or all, got '%s'" % o.suite)
     check_ranges(o, [("mig_rounds", 1, 20, ""), ("mig_mem", 64, 4096, " MiB"), ("mig_keep", 1, 600, " seconds"),
                      ("swap_ws", 64, 8192, " MiB"), ("swap_delay_us", 0, 1000000, " µs"), ("hang_runs", 1, 1000, "")])
+    if o.halt_poll_ns is not None:
+        check_ranges(o, [("halt_poll_ns", 0, 10000000, " ns")])
+        o.halt_poll_ns = int(o.halt_poll_ns)
+        if o.suite != "swap":
+            die("--halt-poll-ns only applies to the swap suite (use --suite swap)")
     if o.hang_mode not in ("remote", "local", "local-cgroup"):
         die("--hang-mode must be remote, local or local-cgroup, got '%s'" % o.hang_mode)
     if o.swap_remote and not re.fullmatch(r"[0-9]+[kmg]?bit", o.swap_remote):

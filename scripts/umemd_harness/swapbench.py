@@ -43,6 +43,9 @@ PHASES = ["fill", "seq", "rand", "mixed", "write"]
 CG_ROOT = "/sys/fs/cgroup/memory"
 REMOTE_SERVER, REMOTE_CLIENT = "10.200.9.1", "10.200.9.2"
 PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
+# How long an idle vCPU polls before it halts (the guest haltpoll cpuidle driver); --halt-poll-ns.
+HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+CPUIDLE_DRIVER = "/sys/devices/system/cpu/cpuidle/current_driver"
 
 
 class _DaemonServer:
@@ -153,6 +156,7 @@ class SwapBench:
         self.work_bin = os.path.join(self.dir, "swapwork")
         self.proxy_bin = os.path.join(self.dir, "delayproxy")
         self.remote = self.o.swap_remote
+        self.halt_poll_ns = None   # the setting found, while the suite has changed it
 
     # ---- set-up and clean-up --------------------------------------------------------------------
     def prepare(self):
@@ -168,6 +172,14 @@ class SwapBench:
         _run(["gcc", "-O2", "-pthread", "-o", self.proxy_bin, os.path.join(ROOT, "scripts/umemd_harness/delayproxy.c")])
         if self.remote:
             self.setup_link()
+        if self.o.halt_poll_ns is not None:
+            if not os.path.exists(HALT_POLL_NS):
+                die("--halt-poll-ns: %s does not exist (this kernel's idle driver is %s, not haltpoll)"
+                    % (HALT_POLL_NS, idle_regime()))
+            found = read_text(HALT_POLL_NS).strip()
+            with open(HALT_POLL_NS, "w") as f:
+                f.write(str(self.o.halt_poll_ns))
+            self.halt_poll_ns = found
 
     def setup_link(self):
         """The server host: a network namespace joined to this one by a veth pair, both ends shaped
@@ -200,6 +212,10 @@ class SwapBench:
         self.drop_images()
         with open(PAGE_CLUSTER, "w") as f:
             f.write(self.page_cluster)
+        if self.halt_poll_ns is not None:
+            with open(HALT_POLL_NS, "w") as f:
+                f.write(self.halt_poll_ns)
+            self.halt_poll_ns = None
         if getattr(self, "veth", None):
             subprocess.run(["ip", "link", "del", self.veth], stderr=subprocess.DEVNULL)
         if getattr(self, "netns_made", False):
@@ -538,7 +554,8 @@ def report(swaps, qd1, sb, markdown):
     print("## Swap suite%s" % (" (remote: %s)" % sb.remote if sb.remote else "") if markdown else
           "SWAP SUITE" + (" (remote: %s)" % sb.remote if sb.remote else ""))
     extra = [("workload", "%d MiB in a memory cgroup of %d MiB; device %s; %d rounds" % (sb.ws, sb.ws // 4, sb.size, o.rounds)),
-             ("path", "nbdfuse + losetup --direct-io=on (scripts/swap-on)")]
+             ("path", "nbdfuse + losetup --direct-io=on (scripts/swap-on)"),
+             ("cpuidle", idle_regime() + (" (set by --halt-poll-ns)" if o.halt_poll_ns is not None else ""))]
     if sb.remote:
         extra.append(("link", "veth to a network namespace, tc tbf %s both ways; a delay line beside the server "
                               "(delayproxy.c) holds its replies %d µs; attached over TCP" % (sb.remote, o.swap_delay_us)))
@@ -588,6 +605,15 @@ def report(swaps, qd1, sb, markdown):
     criteria.append(("no data errors (%d)" % errors, errors == 0, errors))
     print()
     return reports.print_criteria(criteria, markdown)
+
+
+def idle_regime():
+    """The idle driver, and with haltpoll how long an idle vCPU polls before it halts: at 0 every idle
+    vCPU halts at once, and waking a thread on it costs an interrupt and the hypervisor's wake-up."""
+    driver = read_text(CPUIDLE_DRIVER).strip() if os.path.exists(CPUIDLE_DRIVER) else "none"
+    if os.path.exists(HALT_POLL_NS):
+        return "%s, guest_halt_poll_ns %s" % (driver, read_text(HALT_POLL_NS).strip())
+    return driver
 
 
 def run_swap(b):
