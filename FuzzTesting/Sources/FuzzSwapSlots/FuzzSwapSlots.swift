@@ -230,7 +230,8 @@ struct Model {
         for (slot, page) in slotToPage.enumerated() { if let page { newest[Int(page)] = UInt64(slot) } }
         if staging == .open { staging = .closed }
         key = nil
-        markersDecoded = mapped + duplicates
+        let (markers, overflow) = mapped.addingReportingOverflow(duplicates)   // as SwapSlots.load
+        markersDecoded = overflow ? .max : markers
         invalidMarkers = 0
         duplicatesAnySlot = 0
         loadedDuplicates = duplicates > 0

@@ -410,7 +410,10 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
                 mapped += 1
             }
         }
-        markersDecoded = mapped + duplicates
+        // The duplicate count comes from the file: a sum past UInt64.max stays at the maximum rather
+        // than trapping.
+        let (markers, overflow) = mapped.addingReportingOverflow(duplicates)
+        markersDecoded = overflow ? .max : markers
         if staging == .sealed { recordStagedSetLocked() }
     }
 
