@@ -215,11 +215,11 @@ struct Model {
     mutating func map(slot: UInt64, page: UInt64) {
         guard slot < slotCount, page < sourcePages else { return }
         unmap(Int(slot))
-        if let other = newest[Int(page)], other != slot, slotToPage[Int(other)] == page { duplicates += 1 }
+        if let other = newest[Int(page)], other != slot, slotToPage[Int(other)] == page, duplicates < .max { duplicates += 1 }
         if slotToPage.indices.contains(where: { $0 != Int(slot) && slotToPage[$0] == page }) { duplicatesAnySlot += 1 }
         slotToPage[Int(slot)] = page
         newest[Int(page)] = slot
-        markersDecoded += 1
+        if markersDecoded < .max { markersDecoded += 1 }
         dirty = true
     }
 

@@ -176,12 +176,12 @@ public final class SwapSlots: SourceMapping, @unchecked Sendable {
             unmapLocked(slot)
             let other = pageToSlot[Int(page)]
             if other != 0 && UInt64(other) - 1 != slot && slotToPage[Int(other) - 1] == UInt32(page + 1) {
-                duplicates += 1
+                if duplicates < .max { duplicates += 1 }   // a loaded count may be anything
             }
             slotToPage[Int(slot)] = UInt32(page + 1)
             pageToSlot[Int(page)] = UInt32(slot + 1)
             mapped += 1
-            markersDecoded += 1
+            if markersDecoded < .max { markersDecoded += 1 }
             dirty = true
             return true
         }
