@@ -610,10 +610,9 @@ def report(swaps, qd1, sb, markdown):
 def idle_regime():
     """The idle driver, and with haltpoll how long an idle vCPU polls before it halts: at 0 every idle
     vCPU halts at once, and waking a thread on it costs an interrupt and the hypervisor's wake-up."""
-    driver = read_text(CPUIDLE_DRIVER).strip() if os.path.exists(CPUIDLE_DRIVER) else "none"
-    if os.path.exists(HALT_POLL_NS):
-        return "%s, guest_halt_poll_ns %s" % (driver, read_text(HALT_POLL_NS).strip())
-    return driver
+    driver = read_text(CPUIDLE_DRIVER, "none").strip()
+    poll = read_text(HALT_POLL_NS).strip()   # empty: no haltpoll driver
+    return "%s, guest_halt_poll_ns %s" % (driver, poll) if poll else driver
 
 
 def run_swap(b):
